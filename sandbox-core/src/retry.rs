@@ -1,0 +1,198 @@
+//! The one retry policy: attempts, deadline, jittered exponential backoff.
+//!
+//! Retries [`Error::is_retryable`] failures (408/429/5xx, connection errors, busy stores);
+//! timeouts only for idempotent operations; honours the server's `Retry-After`. Creates are made
+//! idempotent with deterministic names, not by blind retry.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+
+/// Whether an operation may safely run twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// Running it twice has the same effect as once (GET, PUT of a whole file, DELETE).
+    Idempotent,
+    /// Running it twice may do the work twice (exec, a POST without a deterministic key).
+    NonIdempotent,
+}
+
+/// Retry settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Total attempts, including the first (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of one backoff (and of an honoured `Retry-After`).
+    pub max_backoff: Duration,
+    /// No new attempt starts after this much time since the first.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that never retries.
+    pub fn none() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Whether `err` on attempt `attempt` (1-based) should be retried.
+    pub fn should_retry(&self, err: &Error, attempt: u32, idempotency: Idempotency) -> bool {
+        if attempt >= self.max_attempts || !err.is_retryable() {
+            return false;
+        }
+        !matches!(err, Error::Timeout { .. }) || idempotency == Idempotency::Idempotent
+    }
+
+    /// The wait before attempt `attempt + 1`: the server's `Retry-After` when given (capped
+    /// by `max_backoff`), else full-jitter exponential backoff.
+    pub fn backoff(&self, err: &Error, attempt: u32) -> Duration {
+        if let Some(d) = err.retry_after() {
+            return d.min(self.max_backoff);
+        }
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16))
+            .min(self.max_backoff);
+        // Full jitter between half and the whole exponential step.
+        let half = exp / 2;
+        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    }
+
+    /// Runs `op` until it succeeds, fails permanently, or attempts/deadline run out. Returns
+    /// the last error.
+    pub async fn run<T, F, Fut>(&self, idempotency: Idempotency, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let start = Instant::now();
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    if !self.should_retry(&e, attempt, idempotency) {
+                        return Err(e);
+                    }
+                    let wait = self.backoff(&e, attempt);
+                    if start.elapsed() + wait > self.deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(attempt, ?wait, error = %e, "retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn transient() -> Error {
+        Error::Transient {
+            provider: "p".into(),
+            message: "503".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_transient_until_success() {
+        let calls = AtomicU32::new(0);
+        let v = RetryPolicy::default()
+            .run(Idempotency::NonIdempotent, || async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(transient())
+                } else {
+                    Ok(7)
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_and_exhaustion_stop() {
+        let calls = AtomicU32::new(0);
+        let e = RetryPolicy::default()
+            .run(Idempotency::Idempotent, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Error::invalid("x", "bad"))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "x");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let calls = AtomicU32::new(0);
+        RetryPolicy::default()
+            .run(Idempotency::Idempotent, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(transient())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_retry_only_when_idempotent() {
+        let timeout = || Error::Timeout {
+            operation: "get".into(),
+            elapsed: Duration::from_secs(1),
+        };
+        let p = RetryPolicy::default();
+        assert!(p.should_retry(&timeout(), 1, Idempotency::Idempotent));
+        assert!(!p.should_retry(&timeout(), 1, Idempotency::NonIdempotent));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_retry_after() {
+        let p = RetryPolicy::default();
+        let e = Error::RateLimited {
+            provider: "p".into(),
+            retry_after: Some(Duration::from_secs(3)),
+            message: "slow".into(),
+        };
+        assert_eq!(p.backoff(&e, 1), Duration::from_secs(3));
+        let start = Instant::now();
+        let calls = AtomicU32::new(0);
+        p.run(Idempotency::NonIdempotent, || async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(Error::RateLimited {
+                    provider: "p".into(),
+                    retry_after: Some(Duration::from_secs(3)),
+                    message: "slow".into(),
+                })
+            } else {
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    }
+}
