@@ -25,7 +25,6 @@ use crate::id::SandboxId;
 /// What a provider can do. Every flag that is `false` means the matching operation returns
 /// [`Error::Unsupported`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct Capabilities {
     /// `exec` streams output while the command runs (not only at the end).
     pub exec_stream: bool,
