@@ -1,0 +1,45 @@
+//! Provider-agnostic code-execution sandboxes: one API over local processes and cloud
+//! sandboxes, with every sandbox and process recorded durably and every process's output kept
+//! as a resumable log.
+//!
+//! This crate is the facade: it re-exports [`sandbox_core`] (the service, the traits, the
+//! records, the errors) and links the backend crates selected by Cargo features, so that their
+//! registrations are present in [`registry`] without the caller naming them.
+//!
+//! # Features
+//!
+//! | Feature   | Default | Crate            | Registers                                  |
+//! |-----------|---------|------------------|--------------------------------------------|
+//! | *(none)*  | always  | `sandbox-core`   | store `memory` (`memory:`)                 |
+//! | `full`    | no      | all of the below | everything whose crate exists              |
+//!
+//! Backends whose crates are not in the workspace yet (`local`, `sqlite`, `sprites`, `vercel`,
+//! `daytona`, `instant`, `skills`) get their feature when their crate lands: a feature that
+//! linked nothing would be a silent no-op.
+//!
+//! # Environment
+//!
+//! | Variable           | Meaning                                                        |
+//! |--------------------|----------------------------------------------------------------|
+//! | `SANDBOX_PROVIDER` | provider used when the config names none (default `local`)     |
+//! | `SANDBOX_STORE`    | store URL used when none is given (default: SQLite in the user's data directory) |
+//!
+//! Each backend documents its own variables (credentials, endpoints).
+//!
+//! # Example
+//!
+//! ```
+//! use sandbox::{registry, Env, SandboxService};
+//!
+//! # fn main() -> sandbox::Result<()> {
+//! // `memory:` is always registered; the default store is SQLite when the `sqlite` feature is on.
+//! let backend = registry::open_store("memory:", &Env::process())?;
+//! let service = SandboxService::builder().store(backend).build()?;
+//! assert_eq!(service.records().name(), "memory");
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub use sandbox_core::*;
