@@ -746,6 +746,16 @@ impl SandboxService {
             ..Default::default()
         };
         self.inner.records.patch_process(&p.id, &patch).await?;
+        // An observed process this service writes: end its log here (`abandon` refuses a live
+        // writer), so the service stops appending to a process it recorded as lost.
+        let held = lock(&self.inner.observed).remove(&p.id);
+        if let Some(slot) = held {
+            if let Some(writer) = slot.lock().await.take() {
+                if let Err(e) = writer.abort(reason).await {
+                    tracing::warn!(process = %p.id, error = %e, "could not end the log of a lost process");
+                }
+            }
+        }
         // Close the log too, when its writer is gone; a live writer elsewhere keeps it.
         if let Err(e) = self.inner.logs.abandon(&p.id, reason).await {
             if !e.is_not_found() {
@@ -757,7 +767,8 @@ impl SandboxService {
 
     // ---- commands ----------------------------------------------------------------------
 
-    fn prepare(&self, handle: &dyn SandboxHandle, mut req: ExecRequest) -> Result<ExecRequest> {
+    /// Checks what can be checked without the sandbox, so bad input costs no provider call.
+    fn check_command(req: &ExecRequest) -> Result<()> {
         if req.argv.is_empty() || req.argv[0].trim().is_empty() {
             return Err(Error::invalid(
                 "sandbox_command_required",
@@ -770,7 +781,11 @@ impl SandboxService {
                 "command arguments cannot contain NUL bytes",
             ));
         }
-        validate_env(&req.env)?;
+        validate_env(&req.env)
+    }
+
+    fn prepare(&self, handle: &dyn SandboxHandle, mut req: ExecRequest) -> Result<ExecRequest> {
+        Self::check_command(&req)?;
         let root = handle.workspace().to_string();
         req.cwd = Some(match req.cwd.as_deref() {
             Some(c) => confine(&root, c)?,
@@ -785,6 +800,7 @@ impl SandboxService {
     /// Invalid input (env keys, cwd outside the workspace), not active, start failures, and a
     /// provider that loses the command.
     pub async fn run_command(&self, id: &SandboxId, req: ExecRequest) -> Result<CommandOutput> {
+        Self::check_command(&req)?;
         let (record, handle) = self.active(id).await?;
         let req = self.prepare(handle.as_ref(), req)?;
         let mut exec = handle.exec(req).await?;
@@ -812,6 +828,7 @@ impl SandboxService {
     /// Invalid input, not active, a store failure before the start (nothing runs), or a
     /// start failure (the record then says `failed` and the log says why).
     pub async fn spawn(&self, id: &SandboxId, spec: CommandSpec) -> Result<ProcessRun> {
+        Self::check_command(&spec.request)?;
         let (record, handle) = self.active(id).await?;
         let req = self.prepare(handle.as_ref(), spec.request.clone())?;
         let pid = ProcessId::new();
@@ -1812,3 +1829,6 @@ pub fn parse_env_pairs<S: AsRef<str>>(pairs: &[S]) -> Result<BTreeMap<String, St
     validate_env(&env)?;
     Ok(env)
 }
+
+#[cfg(test)]
+mod tests;
