@@ -267,9 +267,15 @@ mod tests {
             }"#,
         )
         .unwrap();
-        assert_eq!(cfg.provider_name(&Env::from_pairs::<&str, &str>([])), "sprites");
+        assert_eq!(
+            cfg.provider_name(&Env::from_pairs::<&str, &str>([])),
+            "sprites"
+        );
         assert_eq!(cfg.ports, Some(vec![3000, 8080]));
-        assert_eq!(cfg.skills.as_ref().unwrap()[0].files[0].content_base64, "aGk=");
+        assert_eq!(
+            cfg.skills.as_ref().unwrap()[0].files[0].content_base64,
+            "aGk="
+        );
         assert_eq!(cfg.raw_section("acme").unwrap()["zone"], "eu");
         assert!(cfg.raw_section("sprites").is_some());
         assert!(cfg.raw_section("daytona").is_none());
@@ -298,7 +304,11 @@ mod tests {
             name: Option<String>,
         }
         let cfg = SandboxConfig::from_json(r#"{"s": {"name": 3}}"#).unwrap();
-        assert!(cfg.section::<S>("s").unwrap_err().to_string().contains("`s`"));
+        assert!(cfg
+            .section::<S>("s")
+            .unwrap_err()
+            .to_string()
+            .contains("`s`"));
     }
 
     #[test]

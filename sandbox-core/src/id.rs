@@ -137,9 +137,6 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<ProcessId>(&json).unwrap(), id);
         assert!(serde_json::from_str::<ProcessId>("\"bad\"").is_err());
-        assert_eq!(
-            id.stream_client_id(),
-            format!("sandbox-process:{}", id)
-        );
+        assert_eq!(id.stream_client_id(), format!("sandbox-process:{}", id));
     }
 }

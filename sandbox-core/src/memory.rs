@@ -90,7 +90,7 @@ impl RecordStore for MemoryStore {
             .filter(|r| filter.matches(r))
             .cloned()
             .collect();
-        v.sort_by(|a, b| (a.created_at, a.id).cmp(&(b.created_at, b.id)));
+        v.sort_by_key(|r| (r.created_at, r.id));
         if let Some(n) = filter.limit {
             v.truncate(n);
         }
@@ -134,7 +134,7 @@ impl RecordStore for MemoryStore {
             .filter(|r| filter.matches(r))
             .cloned()
             .collect();
-        v.sort_by(|a, b| (a.started_at, a.id).cmp(&(b.started_at, b.id)));
+        v.sort_by_key(|r| (r.started_at, r.id));
         if let Some(n) = filter.limit {
             v.truncate(n);
         }
@@ -215,7 +215,9 @@ impl LogAppender for MemoryAppender {
             });
         }
         let mut g = self.sink.lock();
-        let log = g.get_mut(&self.process_id).ok_or_else(|| no_log(&self.process_id))?;
+        let log = g
+            .get_mut(&self.process_id)
+            .ok_or_else(|| no_log(&self.process_id))?;
         // Check the whole batch before storing any of it.
         let (mut seq, mut off) = (log.entries.len() as u64 + 1, log.bytes);
         for e in entries {
@@ -259,7 +261,9 @@ impl MemoryAppender {
         }
         self.done = true;
         let mut g = self.sink.lock();
-        let log = g.get_mut(&self.process_id).ok_or_else(|| no_log(&self.process_id))?;
+        let log = g
+            .get_mut(&self.process_id)
+            .ok_or_else(|| no_log(&self.process_id))?;
         log.state = state;
         log.writer = Weak::new();
         log.bump();

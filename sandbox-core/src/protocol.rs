@@ -369,12 +369,8 @@ impl Transcript {
     /// Adds one chunk.
     pub fn push(&mut self, chunk: &ProcessChunk) {
         match chunk.kind {
-            ChunkType::Stdout => self
-                .stdout
-                .extend(chunk.output_bytes().unwrap_or_default()),
-            ChunkType::Stderr => self
-                .stderr
-                .extend(chunk.output_bytes().unwrap_or_default()),
+            ChunkType::Stdout => self.stdout.extend(chunk.output_bytes().unwrap_or_default()),
+            ChunkType::Stderr => self.stderr.extend(chunk.output_bytes().unwrap_or_default()),
             ChunkType::Exit => {
                 let data = chunk.data.as_ref();
                 self.exit_code = data.and_then(|d| d.get("exitCode")).and_then(Value::as_i64);
@@ -418,10 +414,18 @@ mod tests {
         assert!(line.ends_with('\n'));
         let v: Value = serde_json::from_str(&line).unwrap();
         // Keys appear in upstream's order.
-        let positions: Vec<_> = ["version", "at", "seq", "type", "sandboxId", "processId", "data"]
-            .iter()
-            .map(|k| line.find(&format!("\"{k}\":")).unwrap())
-            .collect();
+        let positions: Vec<_> = [
+            "version",
+            "at",
+            "seq",
+            "type",
+            "sandboxId",
+            "processId",
+            "data",
+        ]
+        .iter()
+        .map(|k| line.find(&format!("\"{k}\":")).unwrap())
+        .collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert!(line.starts_with("{\"version\":1,\"at\":\""));
         assert_eq!(v["type"], "stdout");
@@ -440,14 +444,18 @@ mod tests {
             ProcessChunk::decode("nope").unwrap_err().code(),
             "invalid_sandbox_process_stream_chunk"
         );
-        let v2 = json!({"version":2,"at":"x","seq":1,"type":"stdout","sandboxId":"a","processId":"b"});
+        let v2 =
+            json!({"version":2,"at":"x","seq":1,"type":"stdout","sandboxId":"a","processId":"b"});
         assert_eq!(
             ProcessChunk::decode(&v2.to_string()).unwrap_err().code(),
             "invalid_sandbox_process_stream_version:2"
         );
-        let bad_type = json!({"version":1,"at":"x","seq":1,"type":"bogus","sandboxId":"a","processId":"b"});
+        let bad_type =
+            json!({"version":1,"at":"x","seq":1,"type":"bogus","sandboxId":"a","processId":"b"});
         assert_eq!(
-            ProcessChunk::decode(&bad_type.to_string()).unwrap_err().code(),
+            ProcessChunk::decode(&bad_type.to_string())
+                .unwrap_err()
+                .code(),
             "invalid_sandbox_process_stream_chunk"
         );
     }

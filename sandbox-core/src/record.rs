@@ -107,7 +107,10 @@ impl ProcessStatus {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            ProcessStatus::Exited | ProcessStatus::Failed | ProcessStatus::Killed | ProcessStatus::Lost
+            ProcessStatus::Exited
+                | ProcessStatus::Failed
+                | ProcessStatus::Killed
+                | ProcessStatus::Lost
         )
     }
 }
@@ -448,7 +451,10 @@ mod tests {
             serde_json::to_string(&ProcessKind::CodexAppServer).unwrap(),
             "\"codex-app-server\""
         );
-        assert_eq!(SandboxStatus::parse("shutdown").unwrap(), SandboxStatus::Shutdown);
+        assert_eq!(
+            SandboxStatus::parse("shutdown").unwrap(),
+            SandboxStatus::Shutdown
+        );
         assert!(ProcessStatus::parse("zombie").is_err());
         let terminal: Vec<_> = ProcessStatus::ALL
             .iter()
@@ -479,7 +485,13 @@ mod tests {
         };
         let v = serde_json::to_value(&r).unwrap();
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
-        for k in ["externalSandboxId", "createdAt", "updatedAt", "ports", "timeout"] {
+        for k in [
+            "externalSandboxId",
+            "createdAt",
+            "updatedAt",
+            "ports",
+            "timeout",
+        ] {
             assert!(keys.contains(&k.to_string()), "{k} in {keys:?}");
         }
         let back: SandboxRecord = serde_json::from_value(v).unwrap();

@@ -174,11 +174,9 @@ where
 }
 
 fn providers() -> Result<BTreeMap<&'static str, &'static ProviderRegistration>> {
-    index_by_name(
-        "provider",
-        inventory::iter::<ProviderRegistration>,
-        |r| r.name,
-    )
+    index_by_name("provider", inventory::iter::<ProviderRegistration>, |r| {
+        r.name
+    })
 }
 
 fn stores() -> Result<BTreeMap<&'static str, &'static StoreRegistration>> {

@@ -510,7 +510,12 @@ impl SandboxService {
         }
     }
 
-    async fn mark_create_failed(&self, record: &mut SandboxRecord, config: &SandboxConfig, e: &Error) {
+    async fn mark_create_failed(
+        &self,
+        record: &mut SandboxRecord,
+        config: &SandboxConfig,
+        e: &Error,
+    ) {
         let mut extra = Map::new();
         extra.insert("error".into(), Value::String(e.to_string()));
         let patch = SandboxPatch {
@@ -521,7 +526,9 @@ impl SandboxService {
         };
         match self.inner.records.patch_sandbox(&record.id, &patch).await {
             Ok(()) => record.apply(&patch),
-            Err(pe) => tracing::warn!(sandbox = %record.id, error = %pe, "could not record the failed create"),
+            Err(pe) => {
+                tracing::warn!(sandbox = %record.id, error = %pe, "could not record the failed create")
+            }
         }
     }
 
@@ -701,15 +708,16 @@ impl SandboxService {
                 }
             }
             // The run's own task records it as killed; give it a moment to do so.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                done.wait_for(|o| o.is_some()),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), done.wait_for(|o| o.is_some())).await;
         }
     }
 
-    async fn mark_open_processes_lost(&self, id: &SandboxId, reason: &str) -> Result<Vec<ProcessId>> {
+    async fn mark_open_processes_lost(
+        &self,
+        id: &SandboxId,
+        reason: &str,
+    ) -> Result<Vec<ProcessId>> {
         let open = self
             .inner
             .records
@@ -856,7 +864,10 @@ impl SandboxService {
             started_at: now,
             updated_at: Some(now),
             exited_at: None,
-            metadata: spec.metadata.clone().map(|m| crate::protocol::strip_nul_value(Value::Object(m))),
+            metadata: spec
+                .metadata
+                .clone()
+                .map(|m| crate::protocol::strip_nul_value(Value::Object(m))),
         };
         if let Err(e) = self.inner.records.insert_process(&proc_record).await {
             let _ = writer.abort("record_insert_failed").await;
@@ -950,12 +961,17 @@ impl SandboxService {
         metadata: Option<&Map<String, Value>>,
     ) {
         let _ = writer
-            .append(ChunkType::Error, json!({ "message": message }).as_object().cloned())
+            .append(
+                ChunkType::Error,
+                json!({ "message": message }).as_object().cloned(),
+            )
             .await;
         let _ = writer
             .append(
                 ChunkType::Exit,
-                json!({ "exitCode": null, "status": "failed" }).as_object().cloned(),
+                json!({ "exitCode": null, "status": "failed" })
+                    .as_object()
+                    .cloned(),
             )
             .await;
         let last = writer.last_seq();
@@ -1000,7 +1016,6 @@ impl SandboxService {
         let end: std::result::Result<ExitStatus, String>;
         let control = exec.control.clone();
 
-
         loop {
             let next = async {
                 match deadline {
@@ -1024,7 +1039,8 @@ impl SandboxService {
                 Some(ev) => ev,
             };
             match event {
-                Some(Ok(ExecEvent::Stdout(b))) | Some(Ok(ExecEvent::Stderr(b))) if b.is_empty() => {}
+                Some(Ok(ExecEvent::Stdout(b))) | Some(Ok(ExecEvent::Stderr(b))) if b.is_empty() => {
+                }
                 Some(Ok(ev @ (ExecEvent::Stdout(_) | ExecEvent::Stderr(_)))) => {
                     let (kind, bytes, idx) = match ev {
                         ExecEvent::Stdout(b) => (ChunkType::Stdout, b, 0),
@@ -1090,14 +1106,14 @@ impl SandboxService {
 
         let (status, exit_code, signal, error) = match &end {
             Ok(exit) => {
-                let status = if killed.load(Ordering::SeqCst) || exit.timed_out || exit.signal.is_some()
-                {
-                    ProcessStatus::Killed
-                } else if exit.code == Some(0) {
-                    ProcessStatus::Exited
-                } else {
-                    ProcessStatus::Failed
-                };
+                let status =
+                    if killed.load(Ordering::SeqCst) || exit.timed_out || exit.signal.is_some() {
+                        ProcessStatus::Killed
+                    } else if exit.code == Some(0) {
+                        ProcessStatus::Exited
+                    } else {
+                        ProcessStatus::Failed
+                    };
                 (status, exit.code.map(i64::from), exit.signal.clone(), None)
             }
             Err(msg) => (ProcessStatus::Failed, None, None, Some(msg.clone())),
@@ -1105,7 +1121,10 @@ impl SandboxService {
         let write_end = async {
             if let Some(msg) = &error {
                 writer
-                    .append(ChunkType::Error, json!({ "message": msg }).as_object().cloned())
+                    .append(
+                        ChunkType::Error,
+                        json!({ "message": msg }).as_object().cloned(),
+                    )
                     .await?;
             }
             let mut data = json!({ "exitCode": exit_code, "status": status.as_str() });
@@ -1117,7 +1136,9 @@ impl SandboxService {
                     data["timedOut"] = json!(true);
                 }
             }
-            writer.append(ChunkType::Exit, data.as_object().cloned()).await?;
+            writer
+                .append(ChunkType::Exit, data.as_object().cloned())
+                .await?;
             Ok::<_, Error>(())
         };
         if let Err(e) = write_end.await {
@@ -1295,7 +1316,10 @@ impl SandboxService {
         let record = self.record(id).await?;
         Self::require_active(&record)?;
         if spec.argv.is_empty() || spec.argv[0].trim().is_empty() {
-            return Err(Error::invalid("sandbox_command_required", "a command is required"));
+            return Err(Error::invalid(
+                "sandbox_command_required",
+                "a command is required",
+            ));
         }
         let pid = ProcessId::new();
         let mut writer = ChunkWriter::open(self.inner.logs.as_ref(), *id, pid).await?;
@@ -1310,7 +1334,12 @@ impl SandboxService {
             status: ProcessStatus::Running,
             provider: record.provider.clone(),
             command: crate::protocol::strip_nul(&spec.argv[0]),
-            args: Some(spec.argv[1..].iter().map(|a| crate::protocol::strip_nul(a)).collect()),
+            args: Some(
+                spec.argv[1..]
+                    .iter()
+                    .map(|a| crate::protocol::strip_nul(a))
+                    .collect(),
+            ),
             cwd: spec.cwd.clone(),
             env: redact_env(spec.env_keys.clone()),
             exit_code: None,
@@ -1348,7 +1377,10 @@ impl SandboxService {
         Ok(pid)
     }
 
-    fn observed_writer(&self, pid: &ProcessId) -> Result<Arc<tokio::sync::Mutex<Option<ChunkWriter>>>> {
+    fn observed_writer(
+        &self,
+        pid: &ProcessId,
+    ) -> Result<Arc<tokio::sync::Mutex<Option<ChunkWriter>>>> {
         lock(&self.inner.observed).get(pid).cloned().ok_or_else(|| Error::Conflict {
             code: "sandbox_process_stream_writer_elsewhere".into(),
             message: format!(
@@ -1381,7 +1413,11 @@ impl SandboxService {
     ///
     /// # Errors
     /// The process is not an open observed process of this service; store failures.
-    pub async fn finish_observed(&self, pid: &ProcessId, fin: ObservedFinish) -> Result<ProcessOutcome> {
+    pub async fn finish_observed(
+        &self,
+        pid: &ProcessId,
+        fin: ObservedFinish,
+    ) -> Result<ProcessOutcome> {
         let w = self.observed_writer(pid)?;
         let mut g = w.lock().await;
         let mut writer = g.take().ok_or_else(|| Error::Conflict {
@@ -1401,14 +1437,19 @@ impl SandboxService {
         }
         if let Some(msg) = &fin.error_text {
             writer
-                .append(ChunkType::Error, json!({ "message": msg }).as_object().cloned())
+                .append(
+                    ChunkType::Error,
+                    json!({ "message": msg }).as_object().cloned(),
+                )
                 .await?;
         }
         let mut data = json!({ "exitCode": fin.exit_code, "status": status.as_str() });
         if let Some(msg) = &fin.error_text {
             data["message"] = json!(msg);
         }
-        writer.append(ChunkType::Exit, data.as_object().cloned()).await?;
+        writer
+            .append(ChunkType::Exit, data.as_object().cloned())
+            .await?;
         let last = writer.last_seq();
         writer.close().await?;
         drop(g);
@@ -1497,7 +1538,10 @@ impl SandboxService {
     /// Port 0, not active, unsupported.
     pub async fn port_url(&self, id: &SandboxId, port: u16) -> Result<String> {
         if port == 0 {
-            return Err(Error::invalid("sandbox_port_invalid", "port must be 1-65535"));
+            return Err(Error::invalid(
+                "sandbox_port_invalid",
+                "port must be 1-65535",
+            ));
         }
         let (_, handle) = self.active(id).await?;
         handle.port_url(port).await
@@ -1530,7 +1574,10 @@ impl SandboxService {
     /// Empty id (`checkpoint_id_required`), not active, unsupported, the provider's error.
     pub async fn restore(&self, id: &SandboxId, checkpoint_id: &str) -> Result<()> {
         if checkpoint_id.trim().is_empty() {
-            return Err(Error::invalid("checkpoint_id_required", "a checkpoint id is required"));
+            return Err(Error::invalid(
+                "checkpoint_id_required",
+                "a checkpoint id is required",
+            ));
         }
         let (record, handle) = self.active(id).await?;
         handle.restore(checkpoint_id.trim()).await?;
@@ -1650,7 +1697,11 @@ impl SandboxService {
     /// A process whose log holds an `exit` chunk gets its final status from it.
     async fn finalize_from_log(&self, p: &ProcessRecord) -> Result<bool> {
         let t = self.transcript(&p.id).await?;
-        let Some(status) = t.status.as_deref().and_then(|s| ProcessStatus::parse(s).ok()) else {
+        let Some(status) = t
+            .status
+            .as_deref()
+            .and_then(|s| ProcessStatus::parse(s).ok())
+        else {
             return Ok(false);
         };
         if !status.is_terminal() {
@@ -1694,7 +1745,10 @@ async fn write_output(writer: &mut ChunkWriter, kind: ChunkType, bytes: &[u8]) -
     if bytes.is_empty() {
         return Ok(());
     }
-    writer.append(kind, Some(output_data(bytes))).await.map(|_| ())
+    writer
+        .append(kind, Some(output_data(bytes)))
+        .await
+        .map(|_| ())
 }
 
 /// A recorded process started by [`SandboxService::spawn`].

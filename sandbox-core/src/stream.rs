@@ -249,7 +249,11 @@ impl ChunkWriter {
     ///
     /// # Errors
     /// The sink's error; the chunk is then not acknowledged and `seq` is not consumed.
-    pub async fn append(&mut self, kind: ChunkType, data: Option<Map<String, Value>>) -> Result<u64> {
+    pub async fn append(
+        &mut self,
+        kind: ChunkType,
+        data: Option<Map<String, Value>>,
+    ) -> Result<u64> {
         if self.finished {
             return Err(Error::Conflict {
                 code: "sandbox_process_stream_closed".into(),
