@@ -1,1 +1,245 @@
-fn main() {}
+//! `sandbox`: create code-execution sandboxes on any registered provider, run commands in them
+//! with live, durably recorded output, copy files, expose ports, checkpoint, restore and stop
+//! them. On a machine with no account anywhere it uses the embedded default: provider `local`
+//! and a SQLite store in the user's data directory.
+//!
+//! See `sandbox --help` and `sandbox <command> --help`; exit codes and output formats are
+//! documented in the help text below ([`AFTER_HELP`]).
+
+#![warn(missing_docs)]
+
+mod commands;
+mod copy;
+mod live;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::{Output, EXIT_ERROR};
+
+// Name every backend crate so its `inventory` registration is linked into the binary.
+#[allow(unused_imports)]
+use sandbox as _;
+
+/// Shown at the end of `sandbox --help`.
+const AFTER_HELP: &str = "\
+Environment:
+  SANDBOX_PROVIDER  provider when neither --provider nor the config's `provider` names one (else `local`)
+  SANDBOX_STORE     store URL when --store is not given (default: SQLite in the user's data directory)
+  RUST_LOG          log filter, overrides -v/-q (e.g. RUST_LOG=sandbox_core=debug)
+  Each provider reads its own credentials; `sandbox doctor` lists which are set.
+
+Output:
+  Results go to stdout; notes, progress and errors to stderr. With --json, results are one JSON
+  document on stdout (run/exec/logs: the process log's NDJSON lines, then for run/exec a final
+  {\"sandboxId\",\"processId\",\"status\",\"exitCode\",...} line) and errors are
+  {\"error\": {\"code\", \"message\", \"context\", \"hint\"?}} on stderr.
+
+Exit codes:
+  0        success
+  1        sandbox failed (bad input, not found, store or provider error)
+  2        usage error (unknown option, missing argument)
+  run/exec: the command's exit code; 128+N when signal N ended it; 1 when it failed without a
+           code; 125 when sandbox failed around it; 127 when it could not start; 130 after Ctrl-C";
+
+/// The `sandbox` command.
+#[derive(Debug, Parser)]
+#[command(name = "sandbox", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Provider for new sandboxes [env: SANDBOX_PROVIDER]; for `ls`, a filter
+    #[arg(long, global = true, value_name = "NAME")]
+    pub provider: Option<String>,
+    /// Record store URL, e.g. sqlite:///path/sandbox.db or memory: [env: SANDBOX_STORE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub store: Option<String>,
+    /// JSON config file (the TypeScript package's SandboxConfig)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output (JSON on stdout, JSON errors on stderr)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v info, -vv debug, -vvv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only errors on stderr: no progress, no notes
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// A command run inside a sandbox.
+#[derive(Debug, Args, Clone)]
+pub struct CommandArgs {
+    /// Working directory inside the sandbox (relative to its workspace)
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Environment variable for the command (repeatable)
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    pub env: Vec<String>,
+    /// The command and its arguments (argv; no shell is involved)
+    #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a sandbox, run a command with its output streamed live, stop the sandbox
+    Run {
+        /// Keep the sandbox after the command ends (its id is printed on stderr)
+        #[arg(long)]
+        keep: bool,
+        /// The command to run.
+        #[command(flatten)]
+        command: CommandArgs,
+    },
+    /// Create a sandbox and print its id
+    Create,
+    /// List sandboxes (oldest first)
+    Ls {
+        /// Only sandboxes with this status (creating, active, shutdown, error)
+        #[arg(long)]
+        status: Option<String>,
+        /// Only active sandboxes
+        #[arg(long, short = 'a', conflicts_with = "status")]
+        active: bool,
+    },
+    /// Show a sandbox's record
+    Show {
+        /// Sandbox id
+        id: String,
+    },
+    /// Run a recorded command in a sandbox, output streamed live
+    Exec {
+        /// Sandbox id
+        id: String,
+        /// The command to run.
+        #[command(flatten)]
+        command: CommandArgs,
+    },
+    /// List the processes of a sandbox
+    Ps {
+        /// Sandbox id
+        id: String,
+    },
+    /// Print the output of a process from its durable log
+    Logs {
+        /// Process id
+        process_id: String,
+        /// Keep printing while the process runs, until its log ends
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Start at this log sequence number (1 is the first chunk)
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        from_seq: u64,
+    },
+    /// Copy a file between the host and a sandbox: `cp ./a ID:b` or `cp ID:b ./a` (`-` is stdin/stdout)
+    Cp {
+        /// Source: a host path, `-`, or SANDBOX_ID:PATH
+        src: String,
+        /// Destination: a host path, `-`, or SANDBOX_ID:PATH
+        dst: String,
+    },
+    /// Print the URL at which a port of a sandbox is reachable
+    Port {
+        /// Sandbox id
+        id: String,
+        /// Port number
+        port: u16,
+    },
+    /// Take a checkpoint of a sandbox and print its id
+    Checkpoint {
+        /// Sandbox id
+        id: String,
+        /// A comment stored with the checkpoint
+        #[arg(short = 'm', long = "message", value_name = "COMMENT")]
+        comment: Option<String>,
+    },
+    /// List the checkpoints of a sandbox
+    Checkpoints {
+        /// Sandbox id
+        id: String,
+    },
+    /// Restore a sandbox to a checkpoint
+    Restore {
+        /// Sandbox id
+        id: String,
+        /// Checkpoint id
+        checkpoint: String,
+    },
+    /// Stop a sandbox (its running processes are killed)
+    Stop {
+        /// Sandbox id
+        id: String,
+        /// Also delete the sandbox's resources (workspace, provider object)
+        #[arg(long)]
+        delete: bool,
+    },
+    /// After a crash: mark processes whose writer died `lost` and sandboxes the provider no longer has `shutdown`
+    Reconcile,
+    /// List registered providers and whether their credentials are set
+    Providers,
+    /// Report the store, providers, local isolation and credentials in use
+    Doctor,
+}
+
+fn init_tracing(g: &Global) {
+    let level = if g.quiet {
+        "error"
+    } else {
+        match g.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.global);
+    let out = Output {
+        json: cli.global.json,
+        quiet: cli.global.quiet,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let result = runtime.block_on(commands::dispatch(cli.command, cli.global, out));
+    // Background log writers of ended commands have finished; do not wait for idle tasks.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            out.failure(&failure);
+            ExitCode::from(failure.exit)
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! End-to-end tests of the `sandbox` binary against the embedded default (`local` provider,
+//! SQLite store), each in its own temporary directory.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A temporary home for one test: its own store and local sandbox root.
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Self {
+        Home {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn store_url(&self) -> String {
+        format!("sqlite://{}", self.path().join("store.db").display())
+    }
+
+    fn local_root(&self) -> PathBuf {
+        self.path().join("local")
+    }
+
+    fn std_cmd(&self) -> StdCommand {
+        let mut c = StdCommand::new(env!("CARGO_BIN_EXE_sandbox"));
+        c.env("SANDBOX_STORE", self.store_url())
+            .env("SANDBOX_LOCAL_ROOT", self.local_root())
+            .env_remove("SANDBOX_PROVIDER")
+            .env_remove("RUST_LOG")
+            .current_dir(self.path());
+        c
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::from_std(self.std_cmd());
+        c.timeout(TIMEOUT);
+        c
+    }
+
+    /// Runs `sandbox ARGS`, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("run sandbox");
+        assert!(
+            out.status.success(),
+            "sandbox {args:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs `sandbox --json ARGS`, asserts success, parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let text = self.ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
+    }
+
+    /// Runs `sandbox --json ARGS` expecting failure; returns the exit code and the JSON error.
+    fn json_err(&self, args: &[&str]) -> (i32, Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cmd().args(&all).output().expect("run sandbox");
+        assert!(!out.status.success(), "sandbox {args:?} should fail");
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().last().unwrap_or_default();
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{args:?}: stderr is not a JSON error ({e}): {text}"));
+        (out.status.code().unwrap_or(-1), v["error"].clone())
+    }
+
+    fn create(&self) -> String {
+        let id = self.ok(&["create"]).trim().to_string();
+        assert_eq!(id.len(), 36, "create prints a UUID, got {id:?}");
+        id
+    }
+
+    /// Everything the store holds, to check that a failed command changed nothing.
+    fn snapshot(&self) -> Value {
+        let sandboxes = self.json(&["ls"]);
+        let mut processes = Vec::new();
+        for s in sandboxes.as_array().unwrap() {
+            processes.push(self.json(&["ps", s["id"].as_str().unwrap()]));
+        }
+        serde_json::json!({ "sandboxes": sandboxes, "processes": processes })
+    }
+}
+
+/// Spawns `sandbox ARGS` with piped stdout and a thread that forwards its lines.
+fn spawn_lines(home: &Home, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = home
+        .std_cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sandbox");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn expect_line(rx: &mpsc::Receiver<String>, want: &str) {
+    let line = rx
+        .recv_timeout(TIMEOUT)
+        .unwrap_or_else(|e| panic!("no line {want:?} within {TIMEOUT:?}: {e}"));
+    assert_eq!(line, want);
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "child did not exit within {TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// The one process of a sandbox, waiting (bounded) until it is recorded.
+fn only_process(home: &Home, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let ps = home.json(&["ps", id]);
+        if let Some(p) = ps.as_array().and_then(|a| a.first()) {
+            return p.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no process recorded in {id}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- run ---------------------------------------------------------------------------------
+
+#[test]
+fn run_streams_output_and_propagates_the_exit_code() {
+    let home = Home::new();
+    let out = home
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(out.stdout, b"out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err\n"));
+    let ok = home.cmd().args(["run", "--", "true"]).output().unwrap();
+    assert_eq!(ok.status.code(), Some(0));
+}
+
+#[test]
+fn run_stops_its_sandbox_unless_kept() {
+    let home = Home::new();
+    home.ok(&["run", "--", "true"]);
+    let ls = home.json(&["ls"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(ls[0]["status"], "shutdown");
+    assert_eq!(ls[0]["provider"], "local");
+
+    home.ok(&["run", "--keep", "--", "true"]);
+    let active = home.json(&["ls", "--status", "active"]);
+    assert_eq!(active.as_array().unwrap().len(), 1, "{active}");
+}
+
+#[test]
+fn run_json_prints_log_lines_then_the_outcome() {
+    let home = Home::new();
+    let out = home
+        .cmd()
+        .args(["--json", "run", "--", "sh", "-c", "printf hi; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    assert!(lines.iter().any(|l| l["type"] == "stdout" && l["data"]["text"] == "hi"));
+    let last = lines.last().unwrap();
+    assert_eq!(last["exitCode"], 3);
+    assert_eq!(last["status"], "failed");
+}
+
+// ---- exec, ps, logs ----------------------------------------------------------------------
+
+#[test]
+fn exec_is_recorded_with_cwd_and_env() {
+    let home = Home::new();
+    let id = home.create();
+    home.ok(&["exec", &id, "--", "mkdir", "sub"]);
+    let out = home
+        .cmd()
+        .args(["exec", &id, "--cwd", "sub", "--env", "GREETING=hi there", "--"])
+        .args(["sh", "-c", "echo \"$GREETING\" from $(basename \"$PWD\")"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"hi there from sub\n");
+    let ps = home.json(&["ps", &id]);
+    assert_eq!(ps.as_array().unwrap().len(), 2);
+    let p = &ps[1];
+    assert_eq!(p["status"], "exited");
+    assert_eq!(p["exitCode"], 0);
+    assert_eq!(p["env"]["GREETING"], "[redacted]", "env values are never stored");
+    let logs = home.ok(&["logs", p["id"].as_str().unwrap()]);
+    assert_eq!(logs, "hi there from sub\n");
+}
+
+#[test]
+fn logs_follow_picks_up_from_seq_while_the_command_runs() {
+    let home = Home::new();
+    let id = home.create();
+    // The command prints `one`, then waits for a gate file that the test writes later.
+    let (mut exec, exec_out) = spawn_lines(
+        &home,
+        &["exec", &id, "--", "sh", "-c", "echo one; while [ ! -e gate ]; do sleep 0.02; done; echo two"],
+    );
+    expect_line(&exec_out, "one");
+    let p = only_process(&home, &id);
+    assert_eq!(p["status"], "running");
+    let pid = p["id"].as_str().unwrap().to_string();
+
+    // seq 1 is the `running` status chunk, seq 2 carries `one`: start after it.
+    let (mut follow, follow_out) = spawn_lines(&home, &["logs", &pid, "--follow", "--from-seq", "3"]);
+    assert!(follow.try_wait().unwrap().is_none() || wait_exit(&mut follow).success());
+
+    let gate = home.path().join("gate");
+    std::fs::write(&gate, b"").unwrap();
+    home.ok(&["cp", gate.to_str().unwrap(), &format!("{id}:gate")]);
+
+    expect_line(&follow_out, "two");
+    assert!(wait_exit(&mut follow).success(), "{}", stderr_of(&mut follow));
+    assert!(follow_out.recv_timeout(TIMEOUT).is_err(), "nothing after `two`");
+    expect_line(&exec_out, "two");
+    assert!(wait_exit(&mut exec).success());
+
+    assert_eq!(home.ok(&["logs", &pid, "--from-seq", "2"]), "one\ntwo\n");
+    assert_eq!(home.ok(&["logs", &pid]), "one\ntwo\n");
+}
+
+// ---- files -------------------------------------------------------------------------------
+
+#[test]
+fn cp_copies_binary_content_both_ways() {
+    let home = Home::new();
+    let id = home.create();
+    let content: Vec<u8> = (0..=255u8).cycle().take(70_000).chain([0xff, 0xfe, 0x00, 0xc3]).collect();
+    let src = home.path().join("data.bin");
+    std::fs::write(&src, &content).unwrap();
+
+    home.ok(&["cp", src.to_str().unwrap(), &format!("{id}:dir/data.bin")]);
+    let back = home.path().join("back.bin");
+    home.ok(&["cp", &format!("{id}:dir/data.bin"), back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&back).unwrap(), content);
+
+    // The same bytes come through a recorded command's log.
+    let out = home.cmd().args(["exec", &id, "--", "cat", "dir/data.bin"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, content);
+
+    // `-` is stdout.
+    let out = home.cmd().args(["cp", &format!("{id}:dir/data.bin"), "-"]).output().unwrap();
+    assert_eq!(out.stdout, content);
+}
+
+#[test]
+fn cp_of_a_missing_sandbox_file_fails_and_writes_nothing() {
+    let home = Home::new();
+    let id = home.create();
+    let dest = home.path().join("never.txt");
+    let (code, err) = home.json_err(&["cp", &format!("{id}:missing.txt"), dest.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(err["code"], "sandbox_file_not_found");
+    assert!(!dest.exists());
+}
+
+// ---- checkpoints, stop -------------------------------------------------------------------
+
+#[test]
+fn checkpoint_and_restore_bring_back_the_workspace() {
+    let home = Home::new();
+    let id = home.create();
+    home.ok(&["exec", &id, "--", "sh", "-c", "echo v1 > state.txt"]);
+    let cp = home.json(&["checkpoint", &id, "-m", "first"]);
+    let cp_id = cp["id"].as_str().expect("checkpoint id").to_string();
+    home.ok(&["exec", &id, "--", "sh", "-c", "echo v2 > state.txt"]);
+    assert_eq!(home.ok(&["cp", &format!("{id}:state.txt"), "-"]), "v2\n");
+
+    let list = home.json(&["checkpoints", &id]);
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["id"] == cp_id.as_str() && c["comment"] == "first"), "{list}");
+
+    home.ok(&["restore", &id, &cp_id]);
+    assert_eq!(home.ok(&["cp", &format!("{id}:state.txt"), "-"]), "v1\n");
+}
+
+#[test]
+fn stop_shuts_the_sandbox_down_and_later_commands_say_so() {
+    let home = Home::new();
+    let id = home.create();
+    let stopped = home.json(&["stop", &id]);
+    assert_eq!(stopped["status"], "shutdown");
+    assert_eq!(home.json(&["show", &id])["status"], "shutdown");
+    let (code, err) = home.json_err(&["exec", &id, "--", "true"]);
+    assert_eq!(code, 125);
+    assert_eq!(err["code"], "sandbox_not_active:shutdown");
+    // Stopping again is not an error.
+    home.ok(&["stop", &id]);
+}
+
+// ---- interruption and recovery -------------------------------------------------------------
+
+#[test]
+fn reconcile_marks_the_process_of_a_killed_exec_lost() {
+    let home = Home::new();
+    let id = home.create();
+    let (mut exec, out) = spawn_lines(
+        &home,
+        &["exec", &id, "--", "sh", "-c", "echo started; while [ ! -e gate ]; do sleep 0.02; done"],
+    );
+    expect_line(&out, "started");
+    let pid = only_process(&home, &id)["id"].as_str().unwrap().to_string();
+    exec.kill().unwrap(); // SIGKILL: the CLI cannot record anything
+    wait_exit(&mut exec);
+    assert_eq!(only_process(&home, &id)["status"], "running", "nobody has recorded the end yet");
+
+    let report = home.json(&["reconcile"]);
+    let lost: Vec<&str> = report["lost"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l[0].as_str().unwrap())
+        .collect();
+    assert_eq!(lost, [pid.as_str()], "{report}");
+    assert_eq!(only_process(&home, &id)["status"], "lost");
+    // Let the orphaned command end.
+    let gate = home.path().join("gate");
+    std::fs::write(&gate, b"").unwrap();
+    home.ok(&["cp", gate.to_str().unwrap(), &format!("{id}:gate")]);
+    home.ok(&["stop", &id]);
+}
+
+fn interrupt(child: &Child) {
+    // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+}
+
+#[test]
+fn ctrl_c_during_exec_kills_the_command_and_records_it_killed() {
+    let home = Home::new();
+    let id = home.create();
+    let (mut exec, out) = spawn_lines(
+        &home,
+        &["exec", &id, "--", "sh", "-c", "echo started; while true; do sleep 0.02; done"],
+    );
+    expect_line(&out, "started");
+    interrupt(&exec);
+    let status = wait_exit(&mut exec);
+    assert_eq!(status.code(), Some(130), "{}", stderr_of(&mut exec));
+    assert_eq!(only_process(&home, &id)["status"], "killed");
+    assert_eq!(home.json(&["show", &id])["status"], "active", "exec leaves the sandbox running");
+}
+
+#[test]
+fn ctrl_c_during_run_kills_the_command_and_stops_the_sandbox() {
+    let home = Home::new();
+    let (mut run, out) = spawn_lines(
+        &home,
+        &["run", "--", "sh", "-c", "echo started; while true; do sleep 0.02; done"],
+    );
+    expect_line(&out, "started");
+    interrupt(&run);
+    let status = wait_exit(&mut run);
+    assert_eq!(status.code(), Some(130), "{}", stderr_of(&mut run));
+    let ls = home.json(&["ls"]);
+    assert_eq!(ls[0]["status"], "shutdown");
+    let id = ls[0]["id"].as_str().unwrap();
+    assert_eq!(only_process(&home, id)["status"], "killed");
+}
+
+// ---- machine-readable output ---------------------------------------------------------------
+
+#[test]
+fn json_output_parses_for_every_listing_command() {
+    let home = Home::new();
+    assert_eq!(home.json(&["ls"]), serde_json::json!([]));
+    let created = home.json(&["create"]);
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(created["status"], "active");
+    assert_eq!(home.json(&["show", id])["id"], id);
+    assert_eq!(home.json(&["ls"]).as_array().unwrap().len(), 1);
+    assert!(home.json(&["ps", id]).is_array());
+    assert!(home.json(&["providers"]).as_array().unwrap().iter().any(|p| p["name"] == "local"));
+    let report = home.json(&["reconcile"]);
+    assert!(report["lost"].is_array());
+    let doctor = home.json(&["doctor"]);
+    assert_eq!(doctor["store"]["ok"], true);
+}
+
+#[test]
+fn doctor_reports_store_providers_isolation_and_credentials_by_name_only() {
+    let home = Home::new();
+    let out = home
+        .cmd()
+        .args(["--json", "doctor"])
+        .env("SPRITES_API_TOKEN", "very-secret-token-value")
+        .env("SANDBOX_VERCEL_TOKEN", "another-secret-value")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("very-secret-token-value") && !text.contains("another-secret-value"));
+    let d: Value = serde_json::from_str(&text).unwrap();
+    assert!(d["store"]["location"].as_str().unwrap().contains(home.path().to_str().unwrap()), "{d}");
+    assert!(d["providers"].as_array().unwrap().iter().any(|p| p == "local"));
+    assert_eq!(d["defaultProvider"], "local");
+    assert!(d["localIsolation"]["available"].is_array(), "{d}");
+    assert!(d["localIsolation"]["auto"].is_string(), "{d}");
+    // The human form too.
+    let human = home
+        .cmd()
+        .arg("doctor")
+        .env("SPRITES_API_TOKEN", "very-secret-token-value")
+        .output()
+        .unwrap();
+    let human = String::from_utf8(human.stdout).unwrap();
+    assert!(!human.contains("very-secret-token-value"));
+    assert!(human.contains("isolation:"));
+}
+
+// ---- bad input -----------------------------------------------------------------------------
+
+#[test]
+fn unknown_sandbox_id_is_a_clear_error_that_changes_nothing() {
+    let home = Home::new();
+    let id = home.create();
+    let before = home.snapshot();
+    let unknown = "3f1c2b7e-8d4a-4c1e-9b2f-0a1b2c3d4e5f";
+    let (code, err) = home.json_err(&["exec", unknown, "--", "true"]);
+    assert_eq!(code, 125);
+    assert_eq!(err["code"], "sandbox_not_found");
+    assert!(err["message"].as_str().unwrap().contains(unknown));
+    let (code, err) = home.json_err(&["stop", unknown]);
+    assert_eq!(code, 1);
+    assert_eq!(err["code"], "sandbox_not_found");
+    // The human form is one line naming the sandbox and what to do.
+    let out = home.cmd().args(["show", unknown]).output().unwrap();
+    let text = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.starts_with("error: ") && text.contains(unknown) && text.contains("sandbox ls"));
+    assert_eq!(home.snapshot(), before);
+    let _ = id;
+}
+
+#[test]
+fn malformed_ids_are_rejected_before_anything_happens() {
+    let home = Home::new();
+    home.create();
+    let before = home.snapshot();
+    let (code, err) = home.json_err(&["exec", "not-a-uuid", "--", "true"]);
+    assert_eq!(code, 125);
+    assert_eq!(err["code"], "invalid_sandbox_id");
+    let (_, err) = home.json_err(&["logs", "12345"]);
+    assert_eq!(err["code"], "invalid_process_id");
+    let (_, err) = home.json_err(&["cp", "nope:file", "x"]);
+    assert_eq!(err["code"], "invalid_sandbox_id");
+    assert_eq!(home.snapshot(), before);
+}
+
+#[test]
+fn unknown_provider_lists_the_registered_ones_and_creates_nothing() {
+    let home = Home::new();
+    let (code, err) = home.json_err(&["--provider", "nosuch", "create"]);
+    assert_eq!(code, 1);
+    assert_eq!(err["code"], "sandbox_provider_unknown");
+    assert!(err["message"].as_str().unwrap().contains("local"), "{err}");
+    let out = home
+        .cmd()
+        .args(["run", "--", "true"])
+        .env("SANDBOX_PROVIDER", "nosuch")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let text = String::from_utf8(out.stderr).unwrap();
+    assert!(text.contains("nosuch") && text.contains("registered providers: "), "{text}");
+    assert_eq!(home.json(&["ls"]), serde_json::json!([]));
+}
+
+#[test]
+fn paths_escaping_the_workspace_are_refused_and_nothing_is_written() {
+    let home = Home::new();
+    let id = home.create();
+    let before = home.snapshot();
+    let src = home.path().join("evil.txt");
+    std::fs::write(&src, b"evil").unwrap();
+    for dest in ["../../../escaped.txt", "/etc/escaped.txt", "a/../../escaped.txt"] {
+        let (code, err) = home.json_err(&["cp", src.to_str().unwrap(), &format!("{id}:{dest}")]);
+        assert_eq!(code, 1);
+        assert!(err["code"].as_str().unwrap().starts_with("sandbox_path"), "{err}");
+    }
+    let (_, err) = home.json_err(&["exec", &id, "--cwd", "../..", "--", "true"]);
+    assert_eq!(err["code"], "sandbox_path_outside_workspace");
+    let (_, err) = home.json_err(&["cp", &format!("{id}:../../../etc/passwd"), "-"]);
+    assert_eq!(err["code"], "sandbox_path_outside_workspace");
+    for dir in [home.path().to_path_buf(), home.local_root()] {
+        assert!(!dir.join("escaped.txt").exists());
+    }
+    assert_eq!(home.snapshot(), before);
+}
+
+#[test]
+fn bad_env_keys_are_refused_before_anything_runs() {
+    let home = Home::new();
+    let id = home.create();
+    let before = home.snapshot();
+    let (code, err) = home.json_err(&["exec", &id, "--env", "BAD-KEY=1", "--", "true"]);
+    assert_eq!(code, 125);
+    assert_eq!(err["code"], "sandbox_env_key_invalid:BAD-KEY");
+    let (_, err) = home.json_err(&["exec", &id, "--env", "NOEQUALS", "--", "true"]);
+    assert!(err["code"].as_str().unwrap().starts_with("sandbox_env_key_invalid"));
+    let (_, err) = home.json_err(&["run", "--env", "1X=y", "--", "true"]);
+    assert_eq!(err["code"], "sandbox_env_key_invalid:1X");
+    assert_eq!(home.snapshot(), before, "no sandbox or process was recorded");
+}
+
+// ---- the README --------------------------------------------------------------------------
+
+/// The README's `cargo run -p sandbox-cli -- ARGS` commands, and the packages its `cargo test`
+/// commands name.
+fn readme_commands() -> (PathBuf, Vec<Vec<String>>, Vec<String>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = [root.join("README.md"), root.join("sandbox-cli/README-draft.md")]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("README.md (or sandbox-cli/README-draft.md) exists");
+    let text = std::fs::read_to_string(&readme).unwrap();
+    let mut runs = Vec::new();
+    let mut packages = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let line = line.trim_start_matches("$ ");
+        let words = shell_words(line);
+        if let Some(rest) = line.strip_prefix("cargo run -p sandbox-cli -- ") {
+            runs.push(shell_words(rest));
+        } else if words.first().map(String::as_str) == Some("cargo")
+            && words.get(1).map(String::as_str) == Some("test")
+        {
+            let mut it = words.iter();
+            while let Some(w) = it.next() {
+                if w == "-p" || w == "--package" {
+                    packages.extend(it.next().cloned());
+                }
+            }
+            packages.push(String::new()); // marks that a test command was found
+        }
+    }
+    (readme, runs, packages)
+}
+
+/// Splits a command line on whitespace, honouring single and double quotes.
+fn shell_words(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut in_word = false;
+    for c in s.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    words
+}
+
+#[test]
+fn readme_commands_exist_as_written() {
+    let (readme, runs, packages) = readme_commands();
+    assert!(!runs.is_empty(), "{} has a `cargo run -p sandbox-cli -- ...` command", readme.display());
+    assert!(!packages.is_empty(), "{} has a `cargo test` command", readme.display());
+    let home = Home::new();
+    for args in &runs {
+        let out = home.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "README command `sandbox {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for p in packages.iter().filter(|p| !p.is_empty()) {
+        assert!(root.join(p).join("Cargo.toml").exists(), "README names package {p}, which does not exist");
+    }
+}
