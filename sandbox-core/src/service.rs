@@ -1359,20 +1359,22 @@ impl SandboxService {
             let _ = writer.abort("record_insert_failed").await;
             return Err(e);
         }
-        writer
-            .append(
-                ChunkType::Status,
-                json!({
-                    "status": "running",
-                    "command": rec.command,
-                    "args": rec.args,
-                    "cwd": rec.cwd,
-                    "externalProcessId": rec.external_process_id,
-                })
-                .as_object()
-                .cloned(),
-            )
-            .await?;
+        let status_data = json!({
+            "status": "running",
+            "command": rec.command,
+            "args": rec.args,
+            "cwd": rec.cwd,
+            "externalProcessId": rec.external_process_id,
+        });
+        if let Err(e) = writer
+            .append(ChunkType::Status, status_data.as_object().cloned())
+            .await
+        {
+            // Nobody will write this log: do not leave a `running` record behind.
+            let md = rec.metadata.as_ref().and_then(Value::as_object);
+            self.finish_failed(&rec, writer, &e.to_string(), md).await;
+            return Err(e);
+        }
         lock(&self.inner.observed).insert(pid, Arc::new(tokio::sync::Mutex::new(Some(writer))));
         Ok(pid)
     }
@@ -1435,25 +1437,35 @@ impl SandboxService {
                 format!("{status} is not a final status"),
             ));
         }
-        if let Some(msg) = &fin.error_text {
+        let appended = async {
+            if let Some(msg) = &fin.error_text {
+                writer
+                    .append(
+                        ChunkType::Error,
+                        json!({ "message": msg }).as_object().cloned(),
+                    )
+                    .await?;
+            }
+            let mut data = json!({ "exitCode": fin.exit_code, "status": status.as_str() });
+            if let Some(msg) = &fin.error_text {
+                data["message"] = json!(msg);
+            }
             writer
-                .append(
-                    ChunkType::Error,
-                    json!({ "message": msg }).as_object().cloned(),
-                )
-                .await?;
+                .append(ChunkType::Exit, data.as_object().cloned())
+                .await
         }
-        let mut data = json!({ "exitCode": fin.exit_code, "status": status.as_str() });
-        if let Some(msg) = &fin.error_text {
-            data["message"] = json!(msg);
+        .await;
+        if let Err(e) = appended {
+            // The log is still open: keep its writer so the finish can be retried.
+            *g = Some(writer);
+            return Err(e);
         }
-        writer
-            .append(ChunkType::Exit, data.as_object().cloned())
-            .await?;
         let last = writer.last_seq();
-        writer.close().await?;
+        let closed = writer.close().await;
         drop(g);
+        // The writer is spent either way; a log left open is then judged by `reconcile`.
         lock(&self.inner.observed).remove(pid);
+        closed?;
         let rec = self.process(pid).await?;
         let mut md = rec
             .metadata

@@ -19,7 +19,7 @@ use crate::provider::{
     Capabilities, Execution, MockExecControl, MockProvider, MockSandboxHandle, Provisioned,
 };
 use crate::store::MockRecordStore;
-use crate::stream::LogState;
+use crate::stream::{LogAppender, LogState};
 
 const PROVIDER: &str = "mock";
 const WORKSPACE: &str = "/workspace";
@@ -350,6 +350,102 @@ impl Fixture {
         f.records = memory;
         f
     }
+}
+
+/// A stream sink over a memory sink whose appends fail while `fail_appends` is on.
+#[derive(Clone)]
+struct FlakySink {
+    inner: MemorySink,
+    fail_appends: Arc<AtomicBool>,
+}
+
+struct FlakyAppender {
+    inner: Box<dyn LogAppender>,
+    fail: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl LogAppender for FlakyAppender {
+    fn stream_id(&self) -> &str {
+        self.inner.stream_id()
+    }
+
+    async fn append(&mut self, entries: &[LogEntry]) -> Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Error::store("flaky", "log volume full"));
+        }
+        self.inner.append(entries).await
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.inner.close().await
+    }
+
+    async fn abort(&mut self, reason: &str) -> Result<()> {
+        self.inner.abort(reason).await
+    }
+}
+
+#[async_trait]
+impl StreamSink for FlakySink {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    async fn open_writer(&self, pid: &ProcessId) -> Result<Box<dyn LogAppender>> {
+        Ok(Box::new(FlakyAppender {
+            inner: self.inner.open_writer(pid).await?,
+            fail: self.fail_appends.clone(),
+        }))
+    }
+
+    async fn read(&self, pid: &ProcessId, from: ReadFrom, max: usize) -> Result<LogPage> {
+        self.inner.read(pid, from, max).await
+    }
+
+    async fn follow(
+        &self,
+        pid: &ProcessId,
+        from: ReadFrom,
+    ) -> Result<BoxStream<'static, Result<LogEntry>>> {
+        self.inner.follow(pid, from).await
+    }
+
+    async fn status(&self, pid: &ProcessId) -> Result<Option<crate::stream::LogStatus>> {
+        self.inner.status(pid).await
+    }
+
+    async fn abandon(&self, pid: &ProcessId, reason: &str) -> Result<()> {
+        self.inner.abandon(pid, reason).await
+    }
+}
+
+/// A fixture with one sandbox created through a service whose log appends fail on demand.
+async fn warm_with_flaky_log(
+    h: MockSandboxHandle,
+    coalescing: Coalescing,
+) -> (Fixture, SandboxId, Arc<AtomicBool>) {
+    let records = Arc::new(MemoryStore::new());
+    let logs = MemorySink::new();
+    let fail = Arc::new(AtomicBool::new(false));
+    let svc = SandboxService::builder()
+        .records(records.clone())
+        .logs(Arc::new(FlakySink {
+            inner: logs.clone(),
+            fail_appends: fail.clone(),
+        }))
+        .provider(Arc::new(provider_creating(h)))
+        .use_registry(false)
+        .bootstrappers(vec![])
+        .coalescing(coalescing)
+        .build()
+        .unwrap();
+    let sid = svc.create(&config()).await.unwrap().id;
+    (Fixture { svc, records, logs }, sid, fail)
 }
 
 struct Step {
@@ -1400,4 +1496,97 @@ async fn reconcile_marks_sandboxes_the_provider_no_longer_has_shutdown() {
     let report = f.svc.reconcile().await.unwrap();
     assert_eq!(report.gone, [sid]);
     assert_eq!(f.sandbox(&sid).await.status, SandboxStatus::Shutdown);
+}
+
+// ---- log write failures ------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_log_that_cannot_be_written_kills_the_command_and_fails_the_process() {
+    let (tx, mut exec) = live();
+    let mut control = MockExecControl::new();
+    control.expect_kill().times(1).returning(|| Ok(()));
+    exec.control = Some(Arc::new(control));
+    let mut h = handle();
+    h.expect_exec().times(1).return_once(move |_| Ok(exec));
+    let one_byte_chunks = Coalescing {
+        max_bytes: 1,
+        max_delay: Duration::from_secs(3600),
+    };
+    let (f, sid, fail) = warm_with_flaky_log(h, one_byte_chunks).await;
+    let run = f
+        .svc
+        .spawn(&sid, CommandSpec::new(ExecRequest::new(["build"])))
+        .await
+        .unwrap();
+    fail.store(true, Ordering::SeqCst);
+    tx.send(stdout("x")).unwrap();
+
+    let err = wait(&run).await.unwrap_err();
+    assert_eq!(err.code(), "store_error");
+    assert!(!f.runs(&run.process_id()));
+    let rec = f.process(&run.process_id()).await;
+    assert_eq!(rec.status, ProcessStatus::Failed);
+    assert!(rec
+        .stream_abort_reason
+        .unwrap()
+        .starts_with("log_write_failed"));
+    let (_, state) = f.log(&run.process_id()).await;
+    assert!(matches!(state, LogState::Aborted { .. }), "{state:?}");
+}
+
+#[tokio::test]
+async fn an_observed_start_whose_log_cannot_be_written_leaves_no_running_record() {
+    let (f, sid, fail) = warm_with_flaky_log(handle(), Coalescing::default()).await;
+    fail.store(true, Ordering::SeqCst);
+    let err = f
+        .svc
+        .start_observed(&sid, observed_spec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "store_error");
+    assert!(lock(&f.svc.inner.observed).is_empty());
+    for p in f.processes().await {
+        assert!(p.status.is_terminal(), "{:?} left {}", p.id, p.status);
+        let (_, state) = f.log(&p.id).await;
+        assert!(state.is_finished(), "{state:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_observed_finish_can_be_retried() {
+    let (f, sid, fail) = warm_with_flaky_log(handle(), Coalescing::default()).await;
+    let pid = f.svc.start_observed(&sid, observed_spec()).await.unwrap();
+    fail.store(true, Ordering::SeqCst);
+    let err = f
+        .svc
+        .finish_observed(
+            &pid,
+            ObservedFinish {
+                exit_code: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "store_error");
+    assert_eq!(f.process(&pid).await.status, ProcessStatus::Running);
+
+    fail.store(false, Ordering::SeqCst);
+    let outcome = f
+        .svc
+        .finish_observed(
+            &pid,
+            ObservedFinish {
+                exit_code: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, ProcessStatus::Exited);
+    let (chunks, state) = f.log(&pid).await;
+    assert_eq!(kinds(&chunks), [ChunkType::Status, ChunkType::Exit]);
+    assert_eq!(chunks[1].seq, 2);
+    assert_eq!(state, LogState::Closed);
+    assert_eq!(f.process(&pid).await.status, ProcessStatus::Exited);
 }
