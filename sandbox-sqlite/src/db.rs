@@ -1,0 +1,243 @@
+//! Connections and the blocking-work bridge.
+//!
+//! rusqlite is synchronous: every operation runs on tokio's blocking pool with a connection
+//! taken from a small per-database pool (file databases open more connections on demand; an
+//! in-memory database has exactly one). Writes use `BEGIN IMMEDIATE`, so a transaction never
+//! has to upgrade a read lock; a busy database is waited for (busy timeout) and the whole
+//! operation is retried with backoff until the busy deadline, so `SQLITE_BUSY` never reaches a
+//! caller as such.
+
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags};
+use sandbox_core::{Error, Result};
+
+use crate::config::{Location, SqliteConfig};
+use crate::error::{self, DbError, DbResult};
+use crate::schema;
+
+/// Idle connections kept per database.
+const MAX_IDLE: usize = 8;
+
+/// First 16 bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// An open database: the pool and what it needs to open more connections.
+pub(crate) struct Db {
+    config: SqliteConfig,
+    /// The path for messages (or `:memory:`).
+    label: String,
+    /// Identifies this database among all open in this OS process (for notifications).
+    pub(crate) key: String,
+    idle: Mutex<Vec<Connection>>,
+    /// The single connection of an in-memory database.
+    memory: Option<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("location", &self.label).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Db {
+    /// Opens (creating with mode 0600 when missing) and migrates the database. Blocking.
+    pub(crate) fn open(config: &SqliteConfig) -> Result<Arc<Db>> {
+        match &config.location {
+            Location::Memory => {
+                let label = ":memory:".to_string();
+                let mut conn =
+                    Connection::open_in_memory().map_err(|e| error::map_sql(e, &label, "open"))?;
+                conn.busy_timeout(config.busy_timeout)
+                    .map_err(|e| error::map_sql(e, &label, "open"))?;
+                configure(&conn, config).map_err(|e| e.into_core(&label, "open"))?;
+                schema::migrate(&mut conn, &label).map_err(|e| e.into_core(&label, "migrate"))?;
+                Ok(Arc::new(Db {
+                    config: config.clone(),
+                    key: format!("memory:{}", uuid::Uuid::new_v4()),
+                    label,
+                    idle: Mutex::new(Vec::new()),
+                    memory: Some(Mutex::new(conn)),
+                }))
+            }
+            Location::File(path) => {
+                let label = path.display().to_string();
+                prepare_file(path, &label)?;
+                // Refuse a foreign or newer database before WAL mode writes to its header.
+                let mut conn = open_raw(path, config)
+                    .and_then(|c| schema::check_compatible(&c, &label).map(|_| c))
+                    .and_then(|c| configure(&c, config).map(|_| c))
+                    .map_err(|e| e.into_core(&label, "open"))?;
+                schema::migrate(&mut conn, &label).map_err(|e| e.into_core(&label, "migrate"))?;
+                let key = std::fs::canonicalize(path)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| label.clone());
+                Ok(Arc::new(Db {
+                    config: config.clone(),
+                    key,
+                    label,
+                    idle: Mutex::new(vec![conn]),
+                    memory: None,
+                }))
+            }
+        }
+    }
+
+    /// The database file path, or `:memory:`.
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Runs `op` on a connection, on the blocking pool, retrying it while the database is busy.
+    /// `op` must leave no transaction open on error (rusqlite rolls back on drop).
+    pub(crate) async fn run<T, F>(self: &Arc<Self>, operation: &'static str, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Connection) -> DbResult<T> + Send + 'static,
+    {
+        let db = self.clone();
+        match tokio::task::spawn_blocking(move || db.run_blocking(operation, op)).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::store(
+                crate::SQLITE,
+                format!(
+                    "{operation} on {}: the database task failed: {e}",
+                    self.label
+                ),
+            )),
+        }
+    }
+
+    /// [`Db::run`] on the current thread.
+    pub(crate) fn run_blocking<T, F>(&self, operation: &'static str, mut op: F) -> Result<T>
+    where
+        F: FnMut(&mut Connection) -> DbResult<T>,
+    {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            let result = self.with_connection(&mut op);
+            match result {
+                Err(e) if e.is_busy() && start.elapsed() < self.config.busy_deadline => {
+                    tracing::debug!(location = %self.label, operation, "database busy, retrying");
+                    std::thread::sleep(backoff + Duration::from_micros(fastrand_jitter()));
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                other => return other.map_err(|e| e.into_core(&self.label, operation)),
+            }
+        }
+    }
+
+    fn with_connection<T, F>(&self, op: &mut F) -> DbResult<T>
+    where
+        F: FnMut(&mut Connection) -> DbResult<T>,
+    {
+        if let Some(m) = &self.memory {
+            return op(&mut lock(m));
+        }
+        let taken = lock(&self.idle).pop();
+        let mut conn = match taken {
+            Some(c) => c,
+            None => match &self.config.location {
+                Location::File(p) => open_file(p, &self.config)?,
+                Location::Memory => unreachable!("memory databases have their connection"),
+            },
+        };
+        let r = op(&mut conn);
+        // A connection stuck in a transaction (should not happen) is not reused.
+        if conn.is_autocommit() {
+            let mut idle = lock(&self.idle);
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        r
+    }
+}
+
+/// A few hundred microseconds of jitter so two busy writers do not retry in lockstep.
+fn fastrand_jitter() -> u64 {
+    (uuid::Uuid::new_v4().as_u128() % 500) as u64
+}
+
+/// Creates a missing file with mode 0600; refuses an existing file that is not a database.
+fn prepare_file(path: &Path, label: &str) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            b.create(parent)
+                .map_err(|e| error::io(&parent.display().to_string(), "create directory", e))?;
+        }
+    }
+    let mut create = OpenOptions::new();
+    create.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut create, 0o600);
+    match create.open(path) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(error::io(label, "create", e)),
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| error::io(label, "open", e))?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(Error::invalid(
+            "sandbox_store_not_a_database",
+            format!("{label} is a directory, not a SQLite database file"),
+        ));
+    }
+    let mut head = Vec::with_capacity(16);
+    (&mut file)
+        .take(16)
+        .read_to_end(&mut head)
+        .map_err(|e| error::io(label, "read", e))?;
+    // An empty file is an empty database to SQLite; anything else must carry the magic.
+    if !head.is_empty() && head.as_slice() != SQLITE_MAGIC {
+        return Err(error::not_a_database(label));
+    }
+    Ok(())
+}
+
+fn open_file(path: &Path, config: &SqliteConfig) -> DbResult<Connection> {
+    let conn = open_raw(path, config)?;
+    configure(&conn, config)?;
+    Ok(conn)
+}
+
+/// Opens a connection without changing anything in the file.
+fn open_raw(path: &Path, config: &SqliteConfig) -> DbResult<Connection> {
+    // No CREATE flag: the file was created (0600) by `prepare_file`.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(config.busy_timeout)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection, config: &SqliteConfig) -> DbResult<()> {
+    if config.location != Location::Memory {
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(DbError::Domain(Error::store(
+                crate::SQLITE,
+                format!("the database refused WAL mode (journal_mode is {mode})"),
+            )));
+        }
+        // A committed transaction survives the death of this process (it is in the OS);
+        // `flush` upgrades to a synced commit for power loss.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Durable record store and process-log sink on SQLite: the embedded default store of the
+//! sandbox service.
+//!
+//! One SQLite file holds every sandbox and process record ([`SqliteStore`], a
+//! [`RecordStore`]) and every process's output log ([`SqliteSink`], a [`StreamSink`]). A
+//! caller that crashes and restarts opens the same file and finds every sandbox and process,
+//! reads their output from any `seq` or byte offset, and — through
+//! [`SandboxService::reconcile`](sandbox_core::SandboxService::reconcile) — learns which
+//! processes were lost because their writer died. SQLite is bundled (no system library).
+//!
+//! # Capabilities
+//!
+//! | | |
+//! |---|---|
+//! | records | insert, partial patch, get, list with filters and ordering |
+//! | logs | single writer per process (in this or any OS process), read from `seq` or byte offset, live `follow` |
+//! | durability | each acknowledged append survives `kill -9` of the writer; `flush`/`close` survive power loss |
+//! | crash detection | writer liveness by pid + pid start time + boot id (Linux); see below |
+//! | concurrency | many tasks and several OS processes on one file; `SQLITE_BUSY` never reaches a caller |
+//! | memory | logs are not held in memory: reads and `follow` page through the database |
+//!
+//! # Store URLs
+//!
+//! Registered as store scheme `sqlite` ([`SQLITE`]); select it with `SANDBOX_STORE` or an
+//! explicit URL. See [`SqliteConfig::from_url`].
+//!
+//! | URL | database |
+//! |---|---|
+//! | `sqlite:` | `<data dir>/ekairos-sandbox/sandbox.db` (the default store of the service) |
+//! | `sqlite:///abs/path.db` | `/abs/path.db` |
+//! | `sqlite:relative/path.db` | relative to the working directory |
+//! | `sqlite::memory:` | a private in-memory database (tests) |
+//!
+//! # Environment
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `SANDBOX_STORE` | store URL, read by `sandbox_core::registry::store_url` |
+//! | `XDG_DATA_HOME`, `HOME` | where the default file lives (`dirs::data_dir()`) |
+//!
+//! # Files and schema
+//!
+//! A missing database file is created with mode 0600 (its `-wal` and `-shm` files get the same
+//! mode from SQLite), and a missing parent directory with mode 0700. The database runs in WAL
+//! mode with `synchronous = NORMAL` and a busy timeout. The schema is versioned with
+//! `PRAGMA user_version` and migrated on open ([`SCHEMA_VERSION`]); the file is tagged with
+//! `PRAGMA application_id` [`APPLICATION_ID`]. A file that is not a SQLite database, a
+//! database of another application, or one with a newer schema is refused with a clear
+//! [`Error::InvalidInput`](sandbox_core::Error::InvalidInput) (`sandbox_store_not_a_database`,
+//! `sandbox_store_not_a_sandbox_database`, `sandbox_store_schema_too_new`) and never written.
+//!
+//! Tables and columns carry the attribute names of the TypeScript package's InstantDB schema,
+//! so a record moves to the InstantDB store without translation:
+//!
+//! - `sandbox_sandboxes` (`id`, `status`, `provider`, `externalSandboxId`, `sandboxUrl`,
+//!   `timeout`, `runtime`, `vcpus`, `ports` JSON, `purpose`, `params` JSON, `createdAt`,
+//!   `updatedAt`, `shutdownAt`, `sandboxUserId`);
+//! - `sandbox_processes` (`id`, `sandboxId` — the link to its sandbox —, `kind`, `mode`,
+//!   `status`, `provider`, `command`, `args` JSON, `cwd`, `env` JSON, `exitCode`, `signal`,
+//!   `externalProcessId`, `streamId`, `streamClientId`, `streamStartedAt`, `streamFinishedAt`,
+//!   `streamAbortReason`, `startedAt`, `updatedAt`, `exitedAt`, `metadata` JSON);
+//! - `sandbox_process_logs`: one row per log (`processId`, `streamId`, `state`
+//!   open/closed/aborted, `abortReason`, `entries`, `bytes`, times, and the writer's identity);
+//! - `sandbox_process_chunks`: one row per chunk (`processId`, `seq`, `byteOffset`, `at`,
+//!   `type`, `line` — the NDJSON line exactly as written).
+//!
+//! # Durability
+//!
+//! Every [`LogAppender::append`](sandbox_core::LogAppender::append) is one committed
+//! transaction before it returns. In WAL mode with `synchronous = NORMAL` a commit is in the
+//! operating system's page cache when it returns, so an acknowledged chunk survives
+//! `kill -9` (or any crash) of the writing process; it is lost only if the whole machine loses
+//! power before SQLite's next checkpoint. `flush`, `close` and `abort` commit with
+//! `synchronous = FULL`, which fsyncs the write-ahead log and so every earlier commit: after
+//! they return the log survives power loss too.
+//!
+//! # Writer liveness
+//!
+//! A log has exactly one writer, once: [`StreamSink::open_writer`] inserts the log's row in a
+//! `BEGIN IMMEDIATE` transaction, so a second writer — in this OS process or another one
+//! sharing the file — gets `Conflict` (`sandbox_process_stream_writer_exists`).
+//!
+//! The row records who holds the writer: the OS process id, that pid's start time
+//! (`/proc/<pid>/stat` field 22, in clock ticks since boot), the kernel boot id
+//! (`/proc/sys/kernel/random/boot_id`), the pid namespace (`/proc/self/ns/pid`) and a random
+//! token naming the writer object. [`LogStatus::writer`](sandbox_core::LogStatus::writer) of an
+//! open log is judged from it:
+//!
+//! - recorded by this very OS process: `Alive` while the writer object (token) exists here,
+//!   `Gone` once it was dropped without `close`;
+//! - another boot id: `Gone` (the machine rebooted; pids started over);
+//! - another pid namespace (a container sharing the file): `Unknown`, never judged dead;
+//! - otherwise `Alive` when the pid runs with the same start time and is not a zombie, else
+//!   `Gone` (the process died, or its pid was reused by another process).
+//!
+//! No heartbeat is needed, so a writer that is merely slow is never declared dead, and a dead
+//! one is recognised at once. On Unix systems without `/proc` the pid is probed with
+//! `kill(pid, 0)` (no start time, so a reused pid reads as alive: `lost` is delayed, never
+//! wrongly set); elsewhere liveness is `Unknown`. [`StreamSink::abandon`] refuses
+//! (`sandbox_process_stream_writer_alive`) unless the writer is `Gone`; `reconcile` leaves the
+//! processes of live or unknown writers alone and marks the others `lost` (`writer_lost`).
+//!
+//! # Following
+//!
+//! [`StreamSink::follow`] pages through the log and then waits: appends by writers in the same
+//! OS process wake followers at once (a `tokio::sync::watch` per log, shared by every handle on
+//! the same file); appends from other OS processes are found by polling with backoff (5 ms
+//! doubling to 250 ms). The stream ends when the log is closed or aborted.
+//!
+//! # Concurrency
+//!
+//! SQLite calls run on tokio's blocking pool with pooled connections. Writes take the write
+//! lock up front (`BEGIN IMMEDIATE`); a busy database is waited for (busy timeout) and the
+//! operation retried with backoff until [`SqliteConfig::busy_deadline`] (60 s), after which it
+//! fails with a retryable [`Error::Store`](sandbox_core::Error::Store).
+//!
+//! # Example
+//!
+//! ```
+//! use sandbox_core::{ChunkType, ChunkWriter, ProcessId, ReadFrom, SandboxId, StreamSink};
+//! use sandbox_sqlite::{SqliteConfig, SqliteDatabase};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> sandbox_core::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let db = SqliteDatabase::open(&SqliteConfig::file(dir.path().join("sandbox.db")))?;
+//! let logs = db.logs();
+//!
+//! let (sandbox, process) = (SandboxId::new(), ProcessId::new());
+//! let mut writer = ChunkWriter::open(&logs, sandbox, process).await?;
+//! writer.append(ChunkType::Stdout, Some(sandbox_core::protocol::output_data(b"hello\n"))).await?;
+//! writer.close().await?;
+//!
+//! let page = logs.read(&process, ReadFrom::START, 100).await?;
+//! assert_eq!(page.entries[0].chunk()?.text(), Some("hello\n"));
+//!
+//! // Or through the registry, as the service does:
+//! let url = format!("sqlite://{}", dir.path().join("sandbox.db").display());
+//! let backend = sandbox_core::registry::open_store(&url, &sandbox_core::Env::process())?;
+//! assert!(backend.logs.status(&process).await?.is_some());
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+mod db;
+mod error;
+mod liveness;
+mod logs;
+pub mod schema;
+mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sandbox_core::{Env, RecordStore, Result, StoreBackend, StreamSink};
+
+pub use config::{Location, SqliteConfig};
+pub use logs::SqliteSink;
+pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
+pub use store::SqliteStore;
+
+/// Store name and URL scheme.
+pub const SQLITE: &str = "sqlite";
+
+/// An open SQLite database: hands out the record store and the stream sink on it.
+#[derive(Debug, Clone)]
+pub struct SqliteDatabase {
+    db: Arc<db::Db>,
+    path: Option<PathBuf>,
+}
+
+impl SqliteDatabase {
+    /// Opens the database, creating the file (mode 0600) and migrating the schema as needed.
+    /// Blocks while it does; call it before serving, or from `spawn_blocking`.
+    ///
+    /// # Errors
+    /// `sandbox_store_not_a_database`, `sandbox_store_not_a_sandbox_database` or
+    /// `sandbox_store_schema_too_new` for a file this code must not touch (it is left as it
+    /// was); a store error when the file cannot be created or opened.
+    pub fn open(config: &SqliteConfig) -> Result<Self> {
+        Ok(SqliteDatabase {
+            db: db::Db::open(config)?,
+            path: config.path().map(PathBuf::from),
+        })
+    }
+
+    /// The record store.
+    pub fn records(&self) -> SqliteStore {
+        SqliteStore {
+            db: self.db.clone(),
+        }
+    }
+
+    /// The stream sink.
+    pub fn logs(&self) -> SqliteSink {
+        SqliteSink {
+            db: self.db.clone(),
+        }
+    }
+
+    /// The database file, or `None` for an in-memory database.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
+    /// Records and logs as a [`StoreBackend`] for the service; `location` is the file path.
+    pub fn backend(&self) -> StoreBackend {
+        let records: Arc<dyn RecordStore> = Arc::new(self.records());
+        let logs: Arc<dyn StreamSink> = Arc::new(self.logs());
+        StoreBackend {
+            records,
+            logs,
+            location: self.db.label().to_string(),
+        }
+    }
+}
+
+/// Opens the store of a `sqlite:` URL: the constructor registered for scheme `sqlite`.
+///
+/// # Errors
+/// See [`SqliteConfig::from_url`] and [`SqliteDatabase::open`].
+pub fn open(url: &str, _env: &Env) -> Result<StoreBackend> {
+    Ok(SqliteDatabase::open(&SqliteConfig::from_url(url)?)?.backend())
+}
+
+sandbox_core::register_store!(SQLITE, open);

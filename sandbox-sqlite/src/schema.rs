@@ -1,0 +1,162 @@
+//! Schema and migrations, versioned with `PRAGMA user_version`.
+//!
+//! Migrations run on open, inside one `BEGIN IMMEDIATE` transaction, so two processes opening
+//! a fresh file at once apply them exactly once. A database written by a newer version of this
+//! crate (`user_version` above [`SCHEMA_VERSION`]), or another application's database, is
+//! refused before anything is written to it.
+
+use rusqlite::{Connection, TransactionBehavior};
+use sandbox_core::Error;
+
+use crate::error::{DbError, DbResult};
+
+/// Schema version this code writes and understands.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// `PRAGMA application_id` of a sandbox database ("EKSB").
+pub const APPLICATION_ID: i64 = 0x454B_5342;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sandbox_sandboxes (
+    id                TEXT PRIMARY KEY NOT NULL,
+    status            TEXT NOT NULL,
+    provider          TEXT NOT NULL,
+    externalSandboxId TEXT,
+    sandboxUrl        TEXT,
+    timeout           INTEGER,
+    runtime           TEXT,
+    vcpus             INTEGER,
+    ports             TEXT,    -- JSON array of numbers
+    purpose           TEXT,
+    params            TEXT,    -- JSON
+    createdAt         INTEGER NOT NULL,
+    updatedAt         INTEGER,
+    shutdownAt        INTEGER,
+    sandboxUserId     TEXT
+) STRICT;
+CREATE INDEX sandbox_sandboxes_created ON sandbox_sandboxes (createdAt, id);
+CREATE INDEX sandbox_sandboxes_status ON sandbox_sandboxes (status, createdAt);
+CREATE INDEX sandbox_sandboxes_external ON sandbox_sandboxes (externalSandboxId);
+
+CREATE TABLE sandbox_processes (
+    id                 TEXT PRIMARY KEY NOT NULL,
+    sandboxId          TEXT NOT NULL REFERENCES sandbox_sandboxes (id),
+    kind               TEXT NOT NULL,
+    mode               TEXT NOT NULL,
+    status             TEXT NOT NULL,
+    provider           TEXT NOT NULL,
+    command            TEXT NOT NULL,
+    args               TEXT,    -- JSON array of strings
+    cwd                TEXT,
+    env                TEXT,    -- JSON object, values redacted
+    exitCode           INTEGER,
+    signal             TEXT,
+    externalProcessId  TEXT,
+    streamId           TEXT,
+    streamClientId     TEXT,
+    streamStartedAt    INTEGER,
+    streamFinishedAt   INTEGER,
+    streamAbortReason  TEXT,
+    startedAt          INTEGER NOT NULL,
+    updatedAt          INTEGER,
+    exitedAt           INTEGER,
+    metadata           TEXT     -- JSON
+) STRICT;
+CREATE INDEX sandbox_processes_started ON sandbox_processes (startedAt, id);
+CREATE INDEX sandbox_processes_sandbox ON sandbox_processes (sandboxId, startedAt);
+CREATE INDEX sandbox_processes_status ON sandbox_processes (status, startedAt);
+
+-- One row per process log. The writer* columns identify the OS process holding its single
+-- writer (see the crate docs, "Writer liveness").
+CREATE TABLE sandbox_process_logs (
+    processId          TEXT PRIMARY KEY NOT NULL,
+    streamId           TEXT NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('open', 'closed', 'aborted')),
+    abortReason        TEXT,
+    entries            INTEGER NOT NULL,
+    bytes              INTEGER NOT NULL,
+    openedAt           INTEGER NOT NULL,
+    finishedAt         INTEGER,
+    flushedAt          INTEGER,
+    writerPid          INTEGER NOT NULL,
+    writerStartTime    INTEGER,
+    writerBootId       TEXT,
+    writerPidNamespace TEXT,
+    writerToken        TEXT NOT NULL
+) STRICT;
+
+-- One row per chunk: the NDJSON line as written, plus its type and time for queries.
+CREATE TABLE sandbox_process_chunks (
+    processId  TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    byteOffset INTEGER NOT NULL,
+    at         TEXT,
+    "type"     TEXT,
+    line       TEXT NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX sandbox_process_chunks_seq ON sandbox_process_chunks (processId, seq);
+CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (processId, byteOffset);
+"#];
+
+/// Checks that `conn` holds a sandbox database this code can use, and migrates it to
+/// [`SCHEMA_VERSION`]. Refuses, without writing, a newer schema or a foreign database.
+pub(crate) fn migrate(conn: &mut Connection, location: &str) -> DbResult<()> {
+    check_compatible(conn, location)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read again under the write lock: another process may have migrated meanwhile.
+    let version = check_compatible(&tx, location)?;
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tracing::debug!(location, to = from + 1, "sqlite schema migrated");
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The schema version of a database this code may use.
+pub(crate) fn check_compatible(conn: &Connection, location: &str) -> DbResult<i64> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let app: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    if app != 0 && app != APPLICATION_ID {
+        return Err(foreign(
+            location,
+            &format!("its application_id is {app:#x}"),
+        ));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(DbError::Domain(Error::invalid(
+            "sandbox_store_schema_too_new",
+            format!(
+                "{location} has schema version {version}, newer than the {SCHEMA_VERSION} this \
+                 version understands; it was left untouched. Upgrade the sandbox tools."
+            ),
+        )));
+    }
+    if version == 0 {
+        let objects: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+        if objects > 0 {
+            return Err(foreign(
+                location,
+                "it already holds tables of another application",
+            ));
+        }
+    }
+    Ok(version)
+}
+
+fn foreign(location: &str, why: &str) -> DbError {
+    DbError::Domain(Error::invalid(
+        "sandbox_store_not_a_sandbox_database",
+        format!(
+            "{location} is a SQLite database of another application ({why}); it was left \
+             untouched. Point the store at another file."
+        ),
+    ))
+}
