@@ -1262,6 +1262,10 @@ async fn commands_run_in_the_confined_cwd_with_env_keys_recorded_but_not_values(
     let stored = serde_json::to_string(&rec).unwrap();
     assert!(stored.contains("API_TOKEN"));
     assert!(!stored.contains("s3cret"), "{stored}");
+    let (chunks, _) = f.log(&run.process_id()).await;
+    assert!(chunks.iter().all(|c| !c.encode().contains("s3cret")));
+    let shown = format!("{:?}", ExecRequest::new(["ls"]).env("API_TOKEN", "s3cret"));
+    assert!(!shown.contains("s3cret"), "{shown}");
 }
 
 // ---- observed processes ------------------------------------------------------------------
@@ -1589,4 +1593,247 @@ async fn a_failed_observed_finish_can_be_retried() {
     assert_eq!(chunks[1].seq, 2);
     assert_eq!(state, LogState::Closed);
     assert_eq!(f.process(&pid).await.status, ProcessStatus::Exited);
+}
+
+// ---- more of the contract ----------------------------------------------------------------
+
+#[tokio::test]
+async fn a_transient_resume_failure_leaves_the_record_active_and_is_retried() {
+    let mut p = provider();
+    let mut seq = mockall::Sequence::new();
+    p.expect_resume()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_| {
+            Err(Error::Transient {
+                provider: PROVIDER.into(),
+                message: "connection reset".into(),
+            })
+        });
+    let mut h = handle();
+    h.expect_exec()
+        .times(1)
+        .returning(|_| Ok(scripted(vec![exit(0)])));
+    p.expect_resume()
+        .times(1)
+        .in_sequence(&mut seq)
+        .return_once(move |_| Ok(Arc::new(h) as Arc<dyn SandboxHandle>));
+    let f = Fixture::new(p);
+    let sid = f.seed_sandbox(SandboxStatus::Active).await.id;
+
+    let e = f
+        .svc
+        .run_command(&sid, ExecRequest::new(["true"]))
+        .await
+        .unwrap_err();
+    assert!(e.is_retryable());
+    assert_eq!(f.sandbox(&sid).await.status, SandboxStatus::Active);
+    assert!(!f.caches_handle(&sid));
+    f.svc
+        .run_command(&sid, ExecRequest::new(["true"]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_operation_on_a_sandbox_the_provider_lost_marks_it_shutdown() {
+    let mut p = provider();
+    p.expect_resume()
+        .times(1)
+        .returning(|_| Err(Error::not_found(Missing::Sandbox, EXTERNAL_ID)));
+    let f = Fixture::new(p);
+    let sid = f.seed_sandbox(SandboxStatus::Active).await.id;
+    let open = f.seed_process(&sid).await;
+    let e = f.svc.read_file(&sid, "a.txt").await.unwrap_err();
+    assert!(e.is_not_found());
+    assert_eq!(f.sandbox(&sid).await.status, SandboxStatus::Shutdown);
+    let p = f.process(&open.id).await;
+    assert_eq!(p.status, ProcessStatus::Lost);
+    assert_eq!(p.stream_abort_reason.as_deref(), Some(REASON_SANDBOX_GONE));
+    // The cached record follows: the next call is refused without asking the provider.
+    let e = f.svc.read_file(&sid, "a.txt").await.unwrap_err();
+    assert_eq!(e.code(), "sandbox_not_active:shutdown");
+}
+
+#[tokio::test]
+async fn checkpoints_are_recorded_in_the_provider_params() {
+    let mut h = handle();
+    h.expect_checkpoint()
+        .with(eq(Some("before upgrade".to_string())))
+        .times(1)
+        .returning(|comment| {
+            Ok(Checkpoint {
+                id: "v1".into(),
+                comment,
+                created_at: Some(1),
+            })
+        });
+    h.expect_list_checkpoints().times(1).returning(|| {
+        Ok(vec![Checkpoint {
+            id: "v1".into(),
+            comment: None,
+            created_at: Some(1),
+        }])
+    });
+    h.expect_restore()
+        .with(eq("v1"))
+        .times(1)
+        .returning(|_| Ok(()));
+    let (f, sid) = warm(h, Coalescing::default()).await;
+
+    let cp = f
+        .svc
+        .checkpoint(&sid, Some("before upgrade".into()))
+        .await
+        .unwrap();
+    assert_eq!(cp.id, "v1");
+    assert_eq!(f.svc.list_checkpoints(&sid).await.unwrap().len(), 1);
+    f.svc.restore(&sid, " v1 ").await.unwrap();
+
+    let params = f.sandbox(&sid).await.params.unwrap();
+    assert_eq!(params[PROVIDER]["lastCheckpointId"], "v1");
+    assert_eq!(params[PROVIDER]["lastRestoredCheckpointId"], "v1");
+    assert_eq!(
+        params[PROVIDER]["region"], "test",
+        "provider bookkeeping is kept"
+    );
+    assert_eq!(params["team"], "core");
+}
+
+#[tokio::test]
+async fn an_unsupported_operation_is_a_typed_error() {
+    let mut h = handle();
+    h.expect_checkpoint()
+        .returning(|_| crate::provider::unsupported(PROVIDER, "checkpoint"));
+    h.expect_port_url()
+        .returning(|_| crate::provider::unsupported(PROVIDER, "port_url"));
+    let (f, sid) = warm(h, Coalescing::default()).await;
+    assert_eq!(
+        f.svc.checkpoint(&sid, None).await.unwrap_err().code(),
+        "checkpoint_not_supported"
+    );
+    assert_eq!(
+        f.svc.port_url(&sid, 8080).await.unwrap_err().code(),
+        "sandbox_port_url_not_supported"
+    );
+    let params = f.sandbox(&sid).await.params.unwrap();
+    assert!(params[PROVIDER].get("lastCheckpointId").is_none());
+}
+
+#[tokio::test]
+async fn exit_statuses_map_to_process_statuses() {
+    let cases = [
+        (ExitStatus::code(0), ProcessStatus::Exited),
+        (ExitStatus::code(3), ProcessStatus::Failed),
+        (
+            ExitStatus {
+                code: None,
+                signal: Some("SIGSEGV".into()),
+                timed_out: false,
+            },
+            ProcessStatus::Killed,
+        ),
+        (
+            ExitStatus {
+                code: Some(124),
+                signal: None,
+                timed_out: true,
+            },
+            ProcessStatus::Killed,
+        ),
+    ];
+    let mut h = handle();
+    for (exit_status, _) in cases.clone() {
+        h.expect_exec().times(1).return_once(move |_| {
+            Ok(scripted(vec![
+                stderr("why"),
+                Ok(ExecEvent::Exit(exit_status)),
+            ]))
+        });
+    }
+    let (f, sid) = warm(h, Coalescing::default()).await;
+    for (exit_status, want) in cases {
+        let run = f
+            .svc
+            .spawn(&sid, CommandSpec::new(ExecRequest::new(["x"])))
+            .await
+            .unwrap();
+        let outcome = wait(&run).await.unwrap();
+        assert_eq!(outcome.status, want, "{exit_status:?}");
+        // A second wait gives the same answer.
+        assert_eq!(wait(&run).await.unwrap(), outcome);
+        let rec = f.process(&run.process_id()).await;
+        assert_eq!(rec.status, want);
+        assert_eq!(rec.exit_code, exit_status.code.map(i64::from));
+        assert_eq!(rec.signal, exit_status.signal);
+        let (chunks, _) = f.log(&run.process_id()).await;
+        let last = chunks.last().unwrap();
+        assert_eq!(last.kind, ChunkType::Exit);
+        let data = last.data.as_ref().unwrap();
+        assert_eq!(data["status"], want.as_str());
+        assert_eq!(data.get("timedOut").is_some(), exit_status.timed_out);
+        let t = f.svc.transcript(&run.process_id()).await.unwrap();
+        assert_eq!(t.stderr, b"why");
+    }
+}
+
+#[tokio::test]
+async fn create_with_an_unknown_provider_writes_nothing() {
+    let f = Fixture::new(provider());
+    let config = SandboxConfig {
+        provider: Some(ProviderSelector::Name("elsewhere".into())),
+        ..Default::default()
+    };
+    let e = f.svc.create(&config).await.unwrap_err();
+    assert_eq!(e.code(), "sandbox_provider_unknown");
+    assert!(
+        e.to_string().contains(PROVIDER),
+        "lists the known ones: {e}"
+    );
+    assert!(f
+        .svc
+        .list(&SandboxFilter::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn unknown_ids_are_not_found() {
+    let f = Fixture::new(provider());
+    let sid = SandboxId::new();
+    assert_eq!(
+        f.svc.get(&sid).await.unwrap_err().code(),
+        "sandbox_not_found"
+    );
+    assert_eq!(
+        f.svc
+            .stop(&sid, StopMode::Default)
+            .await
+            .unwrap_err()
+            .code(),
+        "sandbox_not_found"
+    );
+    assert_eq!(
+        f.svc
+            .run_command(&sid, ExecRequest::new(["true"]))
+            .await
+            .unwrap_err()
+            .code(),
+        "sandbox_not_found"
+    );
+    let pid = ProcessId::new();
+    assert_eq!(
+        f.svc.process(&pid).await.unwrap_err().code(),
+        "sandbox_process_not_found"
+    );
+    assert_eq!(
+        f.svc
+            .read_log(&pid, ReadFrom::START, 10)
+            .await
+            .unwrap_err()
+            .code(),
+        "sandbox_process_not_found"
+    );
+    assert!(f.svc.kill(&pid).await.unwrap_err().is_not_found());
 }
