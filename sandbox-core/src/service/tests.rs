@@ -280,6 +280,7 @@ async fn wait(run: &ProcessRun) -> Result<ProcessOutcome> {
 /// Which store writes fail.
 #[derive(Clone, Default)]
 struct Faults {
+    insert_sandbox: Arc<AtomicBool>,
     activation: Arc<AtomicBool>,
     insert_process: Arc<AtomicBool>,
     patch_process: Arc<AtomicBool>,
@@ -297,9 +298,13 @@ fn faulty_store(memory: Arc<MemoryStore>, faults: &Faults) -> MockRecordStore {
     }
     let mut s = MockRecordStore::new();
     s.expect_name().return_const("mockdb".to_string());
-    let m = memory.clone();
-    s.expect_insert_sandbox()
-        .returning(move |r| now(m.insert_sandbox(r)));
+    let (m, f) = (memory.clone(), faults.insert_sandbox.clone());
+    s.expect_insert_sandbox().returning(move |r| {
+        if f.load(Ordering::SeqCst) {
+            return Err(disk_full());
+        }
+        now(m.insert_sandbox(r))
+    });
     let (m, f) = (memory.clone(), faults.activation.clone());
     s.expect_patch_sandbox().returning(move |id, p| {
         if f.load(Ordering::SeqCst) && p.status == Some(SandboxStatus::Active) {
@@ -764,6 +769,11 @@ async fn live_output_is_coalesced_and_readable_before_the_command_exits() {
         ProcessStatus::Running
     );
     assert!(f.runs(&run.process_id()));
+
+    // reconcile leaves a process this service runs alone.
+    let report = f.svc.reconcile().await.unwrap();
+    assert_eq!(report.alive, [run.process_id()]);
+    assert!(report.lost.is_empty() && report.finalized.is_empty());
 
     tx.send(stdout("tail")).unwrap();
     tx.send(exit(0)).unwrap();
@@ -1836,4 +1846,60 @@ async fn unknown_ids_are_not_found() {
         "sandbox_process_not_found"
     );
     assert!(f.svc.kill(&pid).await.unwrap_err().is_not_found());
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_record_the_sandbox_provisions_nothing() {
+    // No `create` expectation: provisioning would panic.
+    let faults = Faults::default();
+    faults.insert_sandbox.store(true, Ordering::SeqCst);
+    let f = Fixture::with_faults(provider(), &faults);
+    let e = f.svc.create(&config()).await.unwrap_err();
+    assert_eq!(e.code(), "store_error");
+    assert!(f
+        .records
+        .list_sandboxes(&SandboxFilter::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_observed_appends_get_distinct_consecutive_seqs() {
+    let (f, sid) = warm(handle(), Coalescing::default()).await;
+    let pid = f.svc.start_observed(&sid, observed_spec()).await.unwrap();
+    let appends = (0..40).map(|i| {
+        let svc = f.svc.clone();
+        tokio::spawn(async move {
+            svc.append_observed(&pid, ChunkType::Stdout, text(&format!("{i};")))
+                .await
+                .unwrap()
+        })
+    });
+    let mut seqs: Vec<u64> = futures::future::join_all(appends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..42).collect::<Vec<_>>());
+    let (chunks, _) = f.log(&pid).await;
+    assert_eq!(
+        chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        (1..42).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn reconnect_rebuilds_the_handle_without_starting_anything() {
+    let mut p = provider_creating(handle());
+    // Only `resume`: nothing on the new handle may be called.
+    p.expect_resume()
+        .times(1)
+        .return_once(|_| Ok(Arc::new(handle()) as Arc<dyn SandboxHandle>));
+    let f = Fixture::new(p);
+    let sid = f.svc.create(&config()).await.unwrap().id;
+    let rec = f.svc.reconnect(&sid).await.unwrap();
+    assert_eq!(rec.status, SandboxStatus::Active);
+    assert!(f.caches_handle(&sid));
 }
