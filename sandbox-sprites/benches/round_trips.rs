@@ -1,0 +1,2 @@
+//! Round trips per operation (placeholder until the emulator-backed bench lands).
+fn main() {}

@@ -1,0 +1,1166 @@
+//! A stateful emulator of the Sprites API (sprites.dev) on `127.0.0.1:0`.
+//!
+//! It serves the endpoints the `sprites` provider uses with the real wire formats: sprite
+//! CRUD (`/v1/sprites`, snake_case JSON, 201/204/404/409), exec over WebSocket (binary
+//! frames `[stream_id, ...payload]`: `1` stdout, `2` stderr, `3` exit from the server; `0`
+//! stdin, `4` stdin EOF from the client; JSON text control messages), exec session list and
+//! kill, the filesystem API (`fs/write` raw bytes with `mkdirParents`/`mkdir`, `fs/read` with
+//! `ENOENT` bodies), and checkpoints (NDJSON `info`/`complete`/`error` streams, the list as a
+//! bare JSON array). Every request must carry `Authorization: Bearer <token>`.
+//!
+//! Commands run for real: each sprite is a directory on this machine (its `/` is
+//! `<tmp>/<name>/fs`, with `/home/sprite` created), commands run there as host processes
+//! in their own process group with a minimal environment, so a file written by a command is
+//! read back through `fs/read`, and a restored checkpoint really brings files back. Paths in
+//! requests are translated; paths a command prints are host paths.
+//!
+//! Fault switches: [`SpritesEmulator::fail_next`], [`SpritesEmulator::rate_limit_next`],
+//! [`SpritesEmulator::drop_next_exec`], [`SpritesEmulator::truncate_next_exec`],
+//! [`SpritesEmulator::corrupt_next_json`], [`SpritesEmulator::fail_next_checkpoint`],
+//! [`SpritesEmulator::set_latency`]; every request is logged ([`SpritesEmulator::requests`]).
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let emulator = sandbox_testkit::sprites::SpritesEmulator::start("test-token").await?;
+//! // SPRITES_API_BASE_URL=<this> SPRITES_API_TOKEN=test-token sandbox run --provider sprites -- ls
+//! println!("{}", emulator.base_url());
+//! # Ok(())
+//! # }
+//! ```
+
+mod runner;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path as UrlPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+
+use runner::{exit_code, kill_group, CommandRunner, HostRunner, RunSpec};
+
+/// One logged request: method, path (without query) and when it arrived.
+pub type RequestLogEntry = (String, String, Instant);
+
+/// Largest exec stdin and `fs/write` bodies, as the real API.
+const MAX_FS_WRITE: usize = 16 * 1024 * 1024;
+
+/// A running Sprites API emulator. Dropping it stops the server and kills every command it
+/// started.
+pub struct SpritesEmulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl fmt::Debug for SpritesEmulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpritesEmulator")
+            .field("base_url", &self.base_url())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    token: String,
+    root: tempfile::TempDir,
+    sprites: Mutex<BTreeMap<String, Sprite>>,
+    faults: Mutex<Faults>,
+    log: Mutex<Vec<RequestLogEntry>>,
+    latency: Mutex<Duration>,
+    next_id: AtomicU64,
+    runner: Box<dyn CommandRunner>,
+}
+
+#[derive(Default)]
+struct Faults {
+    fail: VecDeque<u16>,
+    rate_limit: VecDeque<Duration>,
+    drop_exec: u32,
+    truncate_exec: u32,
+    corrupt_json: u32,
+    checkpoint_error: Option<String>,
+    hide_checkpoint_ids: bool,
+}
+
+struct Sprite {
+    id: String,
+    name: String,
+    url_auth: String,
+    created_at: String,
+    status: &'static str,
+    dir: PathBuf,
+    checkpoints: Vec<CheckpointState>,
+    sessions: BTreeMap<u64, Session>,
+}
+
+struct CheckpointState {
+    id: String,
+    create_time: String,
+    comment: Option<String>,
+    dir: PathBuf,
+}
+
+struct Session {
+    command: String,
+    workdir: String,
+    created: String,
+    pgid: i32,
+    kill: Arc<Notify>,
+}
+
+impl Sprite {
+    fn fs(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "organization": "emulator",
+            "url": format!("https://{}-emu.sprites.app", self.name),
+            "url_settings": { "auth": self.url_auth },
+            "status": self.status,
+            "created_at": self.created_at,
+            "updated_at": self.created_at,
+        })
+    }
+
+    fn kill_sessions(&mut self) {
+        for s in self.sessions.values() {
+            kill_group(s.pgid);
+            s.kill.notify_one();
+        }
+    }
+}
+
+impl SpritesEmulator {
+    /// Starts an emulator that accepts `token` as its only valid bearer token.
+    ///
+    /// # Errors
+    /// Binding 127.0.0.1:0 or creating its temporary directory failed.
+    pub async fn start(token: impl Into<String>) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            token: token.into(),
+            root: tempfile::Builder::new()
+                .prefix("sprites-emulator-")
+                .tempdir()?,
+            sprites: Mutex::new(BTreeMap::new()),
+            faults: Mutex::new(Faults::default()),
+            log: Mutex::new(Vec::new()),
+            latency: Mutex::new(Duration::ZERO),
+            next_id: AtomicU64::new(1),
+            runner: Box::new(HostRunner),
+        });
+        let app = Router::new()
+            .route("/v1/sprites", post(create_sprite).get(list_sprites))
+            .route("/v1/sprites/{name}", get(get_sprite).delete(delete_sprite))
+            .route("/v1/sprites/{name}/exec", get(exec_or_sessions))
+            .route("/v1/sprites/{name}/exec/{session}/kill", post(kill_session))
+            .route("/v1/sprites/{name}/fs/write", put(fs_write))
+            .route("/v1/sprites/{name}/fs/read", get(fs_read))
+            .route("/v1/sprites/{name}/checkpoint", post(create_checkpoint))
+            .route("/v1/sprites/{name}/checkpoints", get(list_checkpoints))
+            .route("/v1/sprites/{name}/checkpoints/{id}", get(get_checkpoint))
+            .route(
+                "/v1/sprites/{name}/checkpoints/{id}/restore",
+                post(restore_checkpoint),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_FS_WRITE + 1))
+            .layer(middleware::from_fn_with_state(shared.clone(), gatekeeper))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(SpritesEmulator {
+            shared,
+            addr,
+            shutdown: Some(tx),
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`: the value for `SPRITES_API_BASE_URL`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The token the emulator accepts.
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// The next `n` requests fail with `status` (a JSON error body) before doing anything.
+    pub fn fail_next(&self, n: u32, status: u16) {
+        let mut f = lock(&self.shared.faults);
+        f.fail.extend(std::iter::repeat_n(status, n as usize));
+    }
+
+    /// The next `n` requests get 429 with `Retry-After: <retry_after>` (seconds, fractions
+    /// allowed) before doing anything.
+    pub fn rate_limit_next(&self, n: u32, retry_after: Duration) {
+        let mut f = lock(&self.shared.faults);
+        f.rate_limit
+            .extend(std::iter::repeat_n(retry_after, n as usize));
+    }
+
+    /// The next exec drops its connection (no close frame) after its first output frame, or
+    /// just before its exit frame when it prints nothing. Its command is killed.
+    pub fn drop_next_exec(&self) {
+        lock(&self.shared.faults).drop_exec += 1;
+    }
+
+    /// The next exec ends with a truncated exit frame (`[3]`, no code).
+    pub fn truncate_next_exec(&self) {
+        lock(&self.shared.faults).truncate_exec += 1;
+    }
+
+    /// The next `n` JSON responses get a malformed body (same status).
+    pub fn corrupt_next_json(&self, n: u32) {
+        lock(&self.shared.faults).corrupt_json += n;
+    }
+
+    /// The next checkpoint creation answers 200 with an NDJSON `error` event.
+    pub fn fail_next_checkpoint(&self, message: impl Into<String>) {
+        lock(&self.shared.faults).checkpoint_error = Some(message.into());
+    }
+
+    /// Checkpoint `complete` messages no longer carry the id (clients must list to find it).
+    pub fn hide_checkpoint_ids(&self, hide: bool) {
+        lock(&self.shared.faults).hide_checkpoint_ids = hide;
+    }
+
+    /// Adds `latency` before every request is handled.
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.shared.latency) = latency;
+    }
+
+    /// Every request so far: method, path, arrival time.
+    pub fn requests(&self) -> Vec<RequestLogEntry> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// How many requests arrived so far.
+    pub fn request_count(&self) -> usize {
+        lock(&self.shared.log).len()
+    }
+
+    /// Empties the request log.
+    pub fn clear_requests(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// Names of the sprites that exist.
+    pub fn sprite_names(&self) -> Vec<String> {
+        lock(&self.shared.sprites).keys().cloned().collect()
+    }
+
+    /// The host directory holding sprite `name`'s `/`.
+    pub fn sprite_root(&self, name: &str) -> Option<PathBuf> {
+        lock(&self.shared.sprites).get(name).map(Sprite::fs)
+    }
+
+    /// Number of commands running in sprite `name`.
+    pub fn running_commands(&self, name: &str) -> usize {
+        lock(&self.shared.sprites)
+            .get(name)
+            .map_or(0, |s| s.sessions.len())
+    }
+}
+
+impl Drop for SpritesEmulator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for s in lock(&self.shared.sprites).values_mut() {
+            s.kill_sessions();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---- responses -----------------------------------------------------------------------------
+
+fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
+}
+
+fn fs_error(status: StatusCode, code: &str, path: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": message.into(), "code": code, "path": path })),
+    )
+        .into_response()
+}
+
+fn no_sprite(name: &str) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("sprite {name} not found"),
+    )
+}
+
+fn ndjson(lines: Vec<Value>) -> Response {
+    let mut body = String::new();
+    for l in lines {
+        body.push_str(&l.to_string());
+        body.push('\n');
+    }
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+/// Logs, delays, injects faults and checks the token, in that order.
+async fn gatekeeper(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    lock(&shared.log).push((
+        req.method().to_string(),
+        req.uri().path().to_string(),
+        Instant::now(),
+    ));
+    let latency = *lock(&shared.latency);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (limited, failed) = {
+        let mut f = lock(&shared.faults);
+        let limited = f.rate_limit.pop_front();
+        let failed = if limited.is_none() {
+            f.fail.pop_front()
+        } else {
+            None
+        };
+        (limited, failed)
+    };
+    if let Some(wait) = limited {
+        let mut resp = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "sprite_creation_rate_limited",
+            "rate limit exceeded",
+        );
+        let v = format!("{}", wait.as_secs_f64());
+        if let Ok(h) = HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(header::RETRY_AFTER, h);
+        }
+        return resp;
+    }
+    if let Some(status) = failed {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return api_error(status, "injected_failure", "injected failure");
+    }
+    let expected = format!("Bearer {}", shared.token);
+    let authorized = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == expected);
+    if !authorized {
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token",
+        );
+    }
+    let resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        let corrupt = {
+            let mut f = lock(&shared.faults);
+            let c = f.corrupt_json > 0;
+            if c {
+                f.corrupt_json -= 1;
+            }
+            c
+        };
+        if corrupt {
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, Body::from("{\"name\": \"trunc"));
+        }
+    }
+    resp
+}
+
+// ---- sprites -------------------------------------------------------------------------------
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+async fn create_sprite(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "body is not JSON",
+        );
+    };
+    let Some(name) = v.get("name").and_then(Value::as_str).map(str::to_string) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "name is required",
+        );
+    };
+    if !valid_name(&name) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            "names are lowercase letters, digits and hyphens",
+        );
+    }
+    let auth = v
+        .pointer("/url_settings/auth")
+        .and_then(Value::as_str)
+        .unwrap_or("sprite")
+        .to_string();
+    if auth != "sprite" && auth != "public" {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "url_settings.auth",
+        );
+    }
+    let mut sprites = lock(&shared.sprites);
+    if sprites.contains_key(&name) {
+        return api_error(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("sprite {name} already exists"),
+        );
+    }
+    let dir = shared.root.path().join(&name);
+    if let Err(e) = std::fs::create_dir_all(dir.join("fs/home/sprite")) {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+    }
+    let n = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let sprite = Sprite {
+        id: format!("sprite-{n:08x}"),
+        name: name.clone(),
+        url_auth: auth,
+        created_at: rfc3339_now(),
+        status: "cold",
+        dir,
+        checkpoints: Vec::new(),
+        sessions: BTreeMap::new(),
+    };
+    let body = sprite.json();
+    sprites.insert(name, sprite);
+    (StatusCode::CREATED, axum::Json(body)).into_response()
+}
+
+async fn list_sprites(State(shared): State<Arc<Shared>>) -> Response {
+    let sprites = lock(&shared.sprites);
+    let list: Vec<Value> = sprites.values().map(Sprite::json).collect();
+    axum::Json(json!({
+        "sprites": list, "has_more": false, "name": "emulator",
+        "running": 0, "warm": 0, "cold": list.len(),
+    }))
+    .into_response()
+}
+
+async fn get_sprite(State(shared): State<Arc<Shared>>, UrlPath(name): UrlPath<String>) -> Response {
+    match lock(&shared.sprites).get(&name) {
+        Some(s) => axum::Json(s.json()).into_response(),
+        None => no_sprite(&name),
+    }
+}
+
+async fn delete_sprite(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    let Some(mut sprite) = lock(&shared.sprites).remove(&name) else {
+        return no_sprite(&name);
+    };
+    sprite.kill_sessions();
+    let _ = std::fs::remove_dir_all(&sprite.dir);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+// ---- paths ---------------------------------------------------------------------------------
+
+/// A sprite path (absolute, or relative to `working_dir`) as a host path under `fs`.
+/// `..` stops at the sprite's `/`, as it does at a real root.
+fn host_path(fs: &Path, working_dir: Option<&str>, path: &str) -> Option<PathBuf> {
+    if path.contains('\0') {
+        return None;
+    }
+    let joined = if path.starts_with('/') {
+        PathBuf::from(path)
+    } else {
+        Path::new(working_dir.filter(|w| w.starts_with('/')).unwrap_or("/")).join(path)
+    };
+    let mut out = fs.to_path_buf();
+    let mut depth = 0usize;
+    for c in joined.components() {
+        match c {
+            Component::Normal(p) => {
+                out.push(p);
+                depth += 1;
+            }
+            Component::ParentDir if depth > 0 => {
+                out.pop();
+                depth -= 1;
+            }
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn first<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn sprite_fs(shared: &Shared, name: &str) -> Option<PathBuf> {
+    lock(&shared.sprites).get(name).map(Sprite::fs)
+}
+
+// ---- files ---------------------------------------------------------------------------------
+
+async fn fs_write(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let Some(fs) = sprite_fs(&shared, &name) else {
+        return no_sprite(&name);
+    };
+    let q = query_pairs(req.uri().query());
+    let Some(path) = first(&q, "path").map(str::to_string) else {
+        return fs_error(StatusCode::BAD_REQUEST, "EINVAL", "", "path is required");
+    };
+    let mkdir = ["mkdirParents", "mkdir"]
+        .iter()
+        .any(|k| first(&q, k) == Some("true"));
+    let mode = first(&q, "mode").map(str::to_string);
+    let Some(host) = host_path(&fs, first(&q, "workingDir"), &path) else {
+        return fs_error(StatusCode::BAD_REQUEST, "EINVAL", &path, "invalid path");
+    };
+    let body = match axum::body::to_bytes(req.into_body(), MAX_FS_WRITE + 1).await {
+        Ok(b) if b.len() <= MAX_FS_WRITE => b,
+        _ => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "file bodies are limited to 16 MiB",
+            )
+        }
+    };
+    if host == fs {
+        return fs_error(StatusCode::BAD_REQUEST, "EISDIR", &path, "is a directory");
+    }
+    if let Some(parent) = host.parent() {
+        if mkdir {
+            if let Err(e) = tokio::fs::create_dir_all(parent).await {
+                return fs_io_error(&path, &e);
+            }
+        } else if !parent.is_dir() {
+            return fs_error(
+                StatusCode::NOT_FOUND,
+                "ENOENT",
+                &path,
+                "no such file or directory",
+            );
+        }
+    }
+    if host.is_dir() {
+        return fs_error(StatusCode::BAD_REQUEST, "EISDIR", &path, "is a directory");
+    }
+    if let Err(e) = tokio::fs::write(&host, &body).await {
+        return fs_io_error(&path, &e);
+    }
+    let bits = mode
+        .as_deref()
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .unwrap_or(0o644);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&host, std::fs::Permissions::from_mode(bits));
+    }
+    axum::Json(json!({ "path": path, "size": body.len(), "mode": format!("{bits:04o}") }))
+        .into_response()
+}
+
+fn fs_io_error(path: &str, e: &io::Error) -> Response {
+    let (status, code) = match e.kind() {
+        io::ErrorKind::NotFound => (StatusCode::NOT_FOUND, "ENOENT"),
+        io::ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "EACCES"),
+        io::ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "EEXIST"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "EIO"),
+    };
+    fs_error(status, code, path, e.to_string())
+}
+
+async fn fs_read(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let Some(fs) = sprite_fs(&shared, &name) else {
+        return no_sprite(&name);
+    };
+    let q = query_pairs(req.uri().query());
+    let Some(path) = first(&q, "path").map(str::to_string) else {
+        return fs_error(StatusCode::BAD_REQUEST, "EINVAL", "", "path is required");
+    };
+    let Some(host) = host_path(&fs, first(&q, "workingDir"), &path) else {
+        return fs_error(StatusCode::BAD_REQUEST, "EINVAL", &path, "invalid path");
+    };
+    if host.is_dir() {
+        return fs_error(StatusCode::BAD_REQUEST, "EISDIR", &path, "is a directory");
+    }
+    match tokio::fs::read(&host).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Err(e) => fs_io_error(&path, &e),
+    }
+}
+
+// ---- checkpoints ---------------------------------------------------------------------------
+
+async fn create_checkpoint(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    let comment = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("comment").and_then(Value::as_str).map(str::to_string));
+    let (error, hide) = {
+        let mut f = lock(&shared.faults);
+        (f.checkpoint_error.take(), f.hide_checkpoint_ids)
+    };
+    let mut sprites = lock(&shared.sprites);
+    let Some(sprite) = sprites.get_mut(&name) else {
+        return no_sprite(&name);
+    };
+    let now = rfc3339_now();
+    let mut lines = vec![json!({"type": "info", "data": "Creating checkpoint...", "time": now})];
+    if let Some(message) = error {
+        lines.push(json!({"type": "error", "error": message, "time": now}));
+        return ndjson(lines);
+    }
+    let id = format!("v{}", sprite.checkpoints.len() + 1);
+    let dir = sprite.dir.join("checkpoints").join(&id);
+    if let Err(e) = copy_tree(&sprite.fs(), &dir) {
+        lines.push(
+            json!({"type": "error", "error": format!("Checkpoint failed: {e}"), "time": now}),
+        );
+        return ndjson(lines);
+    }
+    sprite.checkpoints.push(CheckpointState {
+        id: id.clone(),
+        create_time: now.clone(),
+        comment,
+        dir,
+    });
+    lines.push(json!({"type": "info", "data": "Saving filesystem state...", "time": now}));
+    let done = if hide {
+        "Checkpoint created".to_string()
+    } else {
+        format!("Checkpoint {id} created")
+    };
+    lines.push(json!({"type": "complete", "data": done, "time": now}));
+    ndjson(lines)
+}
+
+fn checkpoint_json(c: &CheckpointState) -> Value {
+    let mut v = json!({ "id": c.id, "create_time": c.create_time, "health": "" });
+    if let Some(comment) = &c.comment {
+        v["comment"] = json!(comment);
+    }
+    v
+}
+
+async fn list_checkpoints(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    match lock(&shared.sprites).get(&name) {
+        Some(s) => axum::Json(Value::Array(
+            s.checkpoints.iter().map(checkpoint_json).collect(),
+        ))
+        .into_response(),
+        None => no_sprite(&name),
+    }
+}
+
+async fn get_checkpoint(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+) -> Response {
+    let sprites = lock(&shared.sprites);
+    let Some(s) = sprites.get(&name) else {
+        return no_sprite(&name);
+    };
+    match s.checkpoints.iter().find(|c| c.id == id) {
+        Some(c) => axum::Json(checkpoint_json(c)).into_response(),
+        None => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("checkpoint {id} not found"),
+        ),
+    }
+}
+
+async fn restore_checkpoint(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+) -> Response {
+    let mut sprites = lock(&shared.sprites);
+    let Some(sprite) = sprites.get_mut(&name) else {
+        return no_sprite(&name);
+    };
+    let Some(source) = sprite
+        .checkpoints
+        .iter()
+        .find(|c| c.id == id)
+        .map(|c| c.dir.clone())
+    else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("checkpoint {id} not found"),
+        );
+    };
+    // A restore stops what runs in the sprite.
+    sprite.kill_sessions();
+    let now = rfc3339_now();
+    let mut lines = vec![
+        json!({"type": "info", "data": format!("Restoring to checkpoint {id}..."), "time": now}),
+    ];
+    let fs = sprite.fs();
+    let staged = sprite.dir.join("restore-staging");
+    let _ = std::fs::remove_dir_all(&staged);
+    let result = copy_tree(&source, &staged).and_then(|()| {
+        std::fs::remove_dir_all(&fs)?;
+        std::fs::rename(&staged, &fs)
+    });
+    match result {
+        Ok(()) => lines
+            .push(json!({"type": "complete", "data": format!("Restored to {id}"), "time": now})),
+        Err(e) => lines
+            .push(json!({"type": "error", "error": format!("Restore failed: {e}"), "time": now})),
+    }
+    ndjson(lines)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+// ---- exec ----------------------------------------------------------------------------------
+
+async fn exec_or_sessions(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let Some(fs) = sprite_fs(&shared, &name) else {
+        return no_sprite(&name);
+    };
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !is_upgrade {
+        return list_sessions(&shared, &name);
+    }
+    let q = query_pairs(req.uri().query());
+    let (mut parts, _) = req.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(e) => return e.into_response(),
+    };
+    let argv: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "cmd")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if argv.is_empty() {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "cmd is required",
+        );
+    }
+    let program = first(&q, "path").unwrap_or(&argv[0]).to_string();
+    let dir = first(&q, "dir").unwrap_or("/home/sprite").to_string();
+    let mut env = BTreeMap::from([
+        (
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        (
+            "HOME".to_string(),
+            fs.join("home/sprite").display().to_string(),
+        ),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+    ]);
+    for (_, v) in q.iter().filter(|(k, _)| k == "env") {
+        if let Some((key, value)) = v.split_once('=') {
+            env.insert(key.to_string(), value.to_string());
+        }
+    }
+    let (drop_conn, truncate) = {
+        let mut f = lock(&shared.faults);
+        let d = f.drop_exec > 0;
+        if d {
+            f.drop_exec -= 1;
+        }
+        let t = !d && f.truncate_exec > 0;
+        if t {
+            f.truncate_exec -= 1;
+        }
+        (d, t)
+    };
+    let spec = host_path(&fs, None, &dir).map(|cwd| RunSpec {
+        program: program.clone(),
+        args: argv[1..].to_vec(),
+        arg0: argv[0].clone(),
+        cwd,
+        env,
+        stdin: first(&q, "stdin") == Some("true"),
+    });
+    ws.on_upgrade(move |socket| async move {
+        let job = ExecJob {
+            shared,
+            name,
+            dir,
+            argv,
+            drop_conn,
+            truncate,
+        };
+        job.run(socket, spec).await;
+    })
+}
+
+fn list_sessions(shared: &Shared, name: &str) -> Response {
+    let sprites = lock(&shared.sprites);
+    let Some(s) = sprites.get(name) else {
+        return no_sprite(name);
+    };
+    let list: Vec<Value> = s
+        .sessions
+        .iter()
+        .map(|(id, sess)| {
+            json!({
+                "id": id, "command": sess.command, "workdir": sess.workdir,
+                "created": sess.created, "bytes_per_second": 0, "is_active": true,
+                "last_activity": sess.created, "tty": false,
+            })
+        })
+        .collect();
+    axum::Json(Value::Array(list)).into_response()
+}
+
+async fn kill_session(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, session)): UrlPath<(String, String)>,
+) -> Response {
+    let sprites = lock(&shared.sprites);
+    let Some(s) = sprites.get(&name) else {
+        return no_sprite(&name);
+    };
+    let Some(sess) = session
+        .parse::<u64>()
+        .ok()
+        .and_then(|id| s.sessions.get(&id))
+    else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("session {session} not found"),
+        );
+    };
+    kill_group(sess.pgid);
+    sess.kill.notify_one();
+    ndjson(vec![
+        json!({"type": "signal", "message": "sent SIGKILL", "signal": "SIGKILL", "pid": sess.pgid}),
+        json!({"type": "killed", "message": "process killed"}),
+        json!({"type": "complete", "exit_code": 137}),
+    ])
+}
+
+struct ExecJob {
+    shared: Arc<Shared>,
+    name: String,
+    dir: String,
+    argv: Vec<String>,
+    drop_conn: bool,
+    truncate: bool,
+}
+
+impl ExecJob {
+    async fn run(self, mut socket: WebSocket, spec: Option<RunSpec>) {
+        let started = spec
+            .as_ref()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "invalid dir"))
+            .and_then(|s| {
+                if !s.cwd.is_dir() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("chdir {}: no such file or directory", self.dir),
+                    ));
+                }
+                self.shared.runner.spawn(s)
+            });
+        let mut running = match started {
+            Ok(r) => r,
+            Err(e) => {
+                let message = if e.kind() == io::ErrorKind::NotFound
+                    && spec.as_ref().is_some_and(|s| s.cwd.is_dir())
+                {
+                    format!(
+                        "exec: {:?}: executable file not found in $PATH",
+                        self.argv[0]
+                    )
+                } else {
+                    e.to_string()
+                };
+                let msg = json!({"type": "error", "message": message}).to_string();
+                let _ = socket.send(Message::Text(msg.into())).await;
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+        };
+        let session_id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let kill = Arc::new(Notify::new());
+        {
+            let mut sprites = lock(&self.shared.sprites);
+            match sprites.get_mut(&self.name) {
+                Some(s) => {
+                    s.status = "running";
+                    s.sessions.insert(
+                        session_id,
+                        Session {
+                            command: self.argv.join(" "),
+                            workdir: self.dir.clone(),
+                            created: rfc3339_now(),
+                            pgid: running.pgid,
+                            kill: kill.clone(),
+                        },
+                    );
+                }
+                None => {
+                    kill_group(running.pgid);
+                    return;
+                }
+            }
+        }
+        let info =
+            json!({"type": "session_info", "session_id": session_id.to_string(), "tty": false});
+        let _ = socket.send(Message::Text(info.to_string().into())).await;
+
+        let code = self.pump(&mut socket, &mut running, &kill).await;
+        kill_group(running.pgid);
+        if let Some(s) = lock(&self.shared.sprites).get_mut(&self.name) {
+            s.sessions.remove(&session_id);
+            if s.sessions.is_empty() {
+                s.status = "warm";
+            }
+        }
+        match code {
+            Some(_) if self.truncate => {
+                let _ = socket.send(Message::Binary(vec![3u8].into())).await;
+                let _ = socket.send(Message::Close(None)).await;
+            }
+            Some(code) => {
+                let _ = socket.send(Message::Binary(vec![3u8, code].into())).await;
+                let _ = socket.send(Message::Close(None)).await;
+            }
+            // Dropped: no exit frame, no close frame; the TCP connection just ends.
+            None => drop(socket),
+        }
+    }
+
+    /// Moves output to the socket and socket input to the command until it exits. `None`
+    /// means the connection is to be dropped.
+    async fn pump(
+        &self,
+        socket: &mut WebSocket,
+        running: &mut runner::Running,
+        kill: &Notify,
+    ) -> Option<u8> {
+        let mut out_buf = vec![0u8; 32 * 1024];
+        let mut err_buf = vec![0u8; 32 * 1024];
+        let (mut out_open, mut err_open) = (true, true);
+        let mut stdin = running.stdin.take();
+        let mut client_gone = false;
+        loop {
+            if !out_open && !err_open {
+                break;
+            }
+            tokio::select! {
+                n = running.stdout.read(&mut out_buf), if out_open => match n {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(n) => {
+                        if !self.forward(socket, 1, &out_buf[..n]).await { client_gone = true; break; }
+                        if self.drop_conn { return None; }
+                    }
+                },
+                n = running.stderr.read(&mut err_buf), if err_open => match n {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => {
+                        if !self.forward(socket, 2, &err_buf[..n]).await { client_gone = true; break; }
+                        if self.drop_conn { return None; }
+                    }
+                },
+                msg = socket.recv(), if !client_gone => match msg {
+                    Some(Ok(Message::Binary(data))) => match data.split_first() {
+                        Some((0, rest)) => {
+                            if let Some(w) = stdin.as_mut() {
+                                if w.write_all(rest).await.is_err() { stdin = None; }
+                            }
+                        }
+                        Some((4, _)) => {
+                            if let Some(mut w) = stdin.take() { let _ = w.shutdown().await; }
+                        }
+                        _ => {}
+                    },
+                    Some(Ok(Message::Text(text))) => {
+                        let v: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                        if v.get("type").and_then(Value::as_str) == Some("signal") {
+                            kill_group(running.pgid);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    // The client went away: the command does not outlive it here.
+                    Some(Err(_)) | None => { client_gone = true; kill_group(running.pgid); }
+                },
+                () = kill.notified() => kill_group(running.pgid),
+            }
+        }
+        if self.drop_conn || client_gone {
+            kill_group(running.pgid);
+            let _ = running.child.wait().await;
+            return None;
+        }
+        let status = running.child.wait().await.ok()?;
+        Some(exit_code(&status))
+    }
+
+    async fn forward(&self, socket: &mut WebSocket, stream: u8, data: &[u8]) -> bool {
+        let mut frame = Vec::with_capacity(data.len() + 1);
+        frame.push(stream);
+        frame.extend_from_slice(data);
+        socket.send(Message::Binary(frame.into())).await.is_ok()
+    }
+}
+
+// ---- time ----------------------------------------------------------------------------------
+
+fn rfc3339_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sprite_paths_stay_under_the_sprite_root() {
+        let fs = Path::new("/tmp/emu/s/fs");
+        assert_eq!(
+            host_path(fs, None, "/home/sprite/a.txt").unwrap(),
+            fs.join("home/sprite/a.txt")
+        );
+        assert_eq!(
+            host_path(fs, Some("/home/sprite"), "x/../y").unwrap(),
+            fs.join("home/sprite/y")
+        );
+        assert_eq!(
+            host_path(fs, None, "/../../etc/passwd").unwrap(),
+            fs.join("etc/passwd")
+        );
+        assert!(host_path(fs, None, "a\0b").is_none());
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_458), (2026, 1, 5));
+    }
+}
