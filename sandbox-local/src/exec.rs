@@ -1,0 +1,358 @@
+//! Running commands: spawn in the sandbox's isolation, stream stdout/stderr live, enforce the
+//! timeout, report exactly one exit, and kill whole process groups.
+//!
+//! Every command is the leader of a new process group; a timeout, a kill or `stop` sends
+//! `SIGKILL` to the whole group. When the command itself exits, what it left running in its
+//! group is killed too, so a command's processes end with it in every isolation mode (under
+//! bubblewrap its pid namespace ends with it anyway).
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use sandbox_core::{Error, ExecControl, ExecEvent, ExecRequest, Execution, ExitStatus, Result};
+
+use crate::isolation::{self, Isolation, Launch};
+use crate::provider::SandboxContext;
+
+/// Size of each read from a command's stdout/stderr.
+const READ_BUF: usize = 64 * 1024;
+
+/// Events buffered between the pipe readers and the consumer (backpressure beyond that).
+const EVENT_BUFFER: usize = 64;
+
+/// After the command exits, a pipe still held open by an escaped grandchild is read until it
+/// has been idle this long.
+const IDLE_AFTER_EXIT: Duration = Duration::from_millis(200);
+
+/// How long `stop` waits for killed commands to be reaped.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// `PATH` of the minimal base environment.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One running command's process group.
+#[derive(Debug)]
+pub(crate) struct ProcessGroup {
+    pgid: i32,
+    /// Set once the leader is reaped: the pgid may then be reused, so it is never signalled.
+    reaped: Mutex<bool>,
+    done: watch::Receiver<bool>,
+}
+
+impl ProcessGroup {
+    fn kill(&self) {
+        let reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
+        if !*reaped {
+            // SAFETY: plain syscall; the group exists until its leader is reaped.
+            unsafe {
+                libc::killpg(self.pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The commands running in one sandbox.
+#[derive(Debug, Default)]
+pub(crate) struct ProcessTable {
+    next: AtomicU64,
+    running: Mutex<HashMap<u64, Arc<ProcessGroup>>>,
+}
+
+impl ProcessTable {
+    fn insert(&self, group: Arc<ProcessGroup>) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(key, group);
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        self.lock().remove(&key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ProcessGroup>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of commands still running.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Kills every running command's group and waits (bounded) until each is reaped.
+    pub(crate) async fn kill_all(&self) {
+        let groups: Vec<Arc<ProcessGroup>> = self.lock().values().cloned().collect();
+        for g in &groups {
+            g.kill();
+        }
+        for g in groups {
+            let mut done = g.done.clone();
+            let _ = tokio::time::timeout(STOP_WAIT, done.wait_for(|d| *d)).await;
+        }
+    }
+}
+
+/// [`ExecControl`] of one command.
+#[derive(Debug)]
+struct GroupControl(Arc<ProcessGroup>);
+
+#[async_trait]
+impl ExecControl for GroupControl {
+    async fn kill(&self) -> Result<()> {
+        self.0.kill();
+        Ok(())
+    }
+}
+
+/// The base environment plus the request's variables (which win).
+pub(crate) fn environment(
+    ctx: &SandboxContext,
+    extra: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let tmp = match ctx.isolation {
+        Isolation::Bwrap => "/tmp".to_string(),
+        _ => ctx.layout.tmp.to_string_lossy().into_owned(),
+    };
+    let mut env = BTreeMap::from([
+        ("PATH".to_string(), BASE_PATH.to_string()),
+        ("HOME".to_string(), ctx.workspace.clone()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        // Output goes to pipes, not a terminal.
+        ("TERM".to_string(), "dumb".to_string()),
+        ("TMPDIR".to_string(), tmp),
+    ]);
+    env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// Starts `req` in the sandbox.
+pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result<Execution> {
+    ctx.ensure_running()?;
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(Error::invalid(
+            "sandbox_command_empty",
+            "a command needs at least a program name",
+        ));
+    }
+    sandbox_core::shell::validate_env(&req.env)?;
+    let workspace = ctx.layout.workspace.clone();
+    let cwd = match &req.cwd {
+        None => workspace.clone(),
+        Some(cwd) => crate::files::resolve(&workspace, cwd)?,
+    };
+    if !cwd.is_dir() {
+        return Err(Error::StartFailed {
+            message: format!(
+                "working directory {} does not exist in sandbox {}",
+                cwd.display(),
+                ctx.sandbox_id
+            ),
+        });
+    }
+    let env = environment(ctx, &req.env);
+    let launch = Launch {
+        argv: &req.argv,
+        cwd: &cwd,
+        env: &env,
+        workspace: &workspace,
+        private_tmp: &ctx.layout.tmp,
+        network: ctx.network,
+    };
+    let mut cmd = match ctx.isolation {
+        Isolation::None => isolation::none::command(&launch),
+        Isolation::Landlock => {
+            ctx.require(Isolation::Landlock).await?;
+            isolation::landlock::command(&launch, ctx.landlock_ruleset()?)
+        }
+        Isolation::Bwrap => {
+            let bwrap = ctx.require(Isolation::Bwrap).await?;
+            // bwrap would start and then fail inside: report a missing program up front.
+            let private_tmp = &ctx.layout.tmp;
+            let found = isolation::program_exists(&req.argv[0], &env, &cwd, |p: &Path| {
+                isolation::bwrap::host_path(p, &workspace, private_tmp)
+            });
+            if !found {
+                return Err(Error::StartFailed {
+                    message: format!("{}: no such program in the sandbox", req.argv[0]),
+                });
+            }
+            isolation::bwrap::command(&bwrap, &launch)
+        }
+    };
+    cmd.process_group(0)
+        .stdin(if req.stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(false);
+    let mut child = cmd.spawn().map_err(|e| Error::StartFailed {
+        message: format!("{}: {e}", req.argv[0]),
+    })?;
+    let pid = child.id().unwrap_or_default() as i32;
+    let (done_tx, done_rx) = watch::channel(false);
+    let group = Arc::new(ProcessGroup {
+        pgid: pid,
+        reaped: Mutex::new(false),
+        done: done_rx,
+    });
+    let key = ctx.processes.insert(group.clone());
+
+    if let (Some(mut stdin), Some(bytes)) = (child.stdin.take(), req.stdin) {
+        tokio::spawn(async move {
+            // A command that does not read its stdin closes the pipe: not an error.
+            let _ = stdin.write_all(&bytes).await;
+        });
+    }
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let stdout = child.stdout.take().map(|out| {
+        tokio::spawn(pump(out, tx.clone(), ExecEvent::Stdout, exited_rx.clone()))
+    });
+    let stderr = child
+        .stderr
+        .take()
+        .map(|err| tokio::spawn(pump(err, tx.clone(), ExecEvent::Stderr, exited_rx)));
+
+    let timeout = req.timeout;
+    let waiter_group = group.clone();
+    let waiter_ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut timed_out = false;
+        let waited = match timeout {
+            None => child.wait().await,
+            Some(limit) => {
+                tokio::select! {
+                    status = child.wait() => status,
+                    _ = tokio::time::sleep(limit) => {
+                        timed_out = true;
+                        waiter_group.kill();
+                        child.wait().await
+                    }
+                }
+            }
+        };
+        // Whatever the command left in its group ends with it.
+        waiter_group.kill();
+        *waiter_group.reaped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let _ = exited_tx.send(true);
+        for reader in [stdout, stderr].into_iter().flatten() {
+            let _ = reader.await;
+        }
+        let event = match waited {
+            Ok(status) => Ok(ExecEvent::Exit(ExitStatus {
+                code: status.code(),
+                signal: status.signal().map(signal_name),
+                timed_out,
+            })),
+            Err(e) => Err(crate::error::io("wait for the command", e)),
+        };
+        let _ = tx.send(event).await;
+        waiter_ctx.processes.remove(key);
+        let _ = done_tx.send(true);
+    });
+
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    })
+    .boxed();
+    Ok(Execution {
+        events,
+        control: Some(Arc::new(GroupControl(group))),
+        external_id: Some(pid.to_string()),
+    })
+}
+
+/// Forwards one pipe as events until EOF, or until it has been idle for a while after the
+/// command exited. Keeps draining when the consumer is gone so the command never blocks.
+async fn pump<R: AsyncRead + Unpin>(
+    mut pipe: R,
+    tx: mpsc::Sender<Result<ExecEvent>>,
+    wrap: fn(Bytes) -> ExecEvent,
+    mut exited: watch::Receiver<bool>,
+) {
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    let mut after_exit = false;
+    let mut consumer_gone = false;
+    loop {
+        if buf.capacity() < READ_BUF / 2 {
+            buf.reserve(READ_BUF);
+        }
+        let read = if after_exit {
+            match tokio::time::timeout(IDLE_AFTER_EXIT, pipe.read_buf(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                read = pipe.read_buf(&mut buf) => read,
+                _ = exited.wait_for(|e| *e) => {
+                    after_exit = true;
+                    continue;
+                }
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let chunk = buf.split().freeze();
+                if !consumer_gone && tx.send(Ok(wrap(chunk))).await.is_err() {
+                    consumer_gone = true;
+                }
+            }
+        }
+    }
+}
+
+/// `SIGKILL` for 9, ...; `SIG<n>` for numbers without a name.
+pub(crate) fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        n => return format!("SIG{n}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_are_the_conventional_ones() {
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(15), "SIGTERM");
+        assert_eq!(signal_name(64), "SIG64");
+    }
+}

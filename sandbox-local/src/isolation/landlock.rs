@@ -1,0 +1,109 @@
+//! Landlock: the command may write only in the workspace and the private tmp, may not signal
+//! processes outside its domain (ABI 6+), and gets no TCP unless the sandbox declares ports or
+//! network access (ABI 4+).
+//!
+//! The ruleset is built in the parent (it opens paths and allocates); the child only calls
+//! `prctl(PR_SET_NO_NEW_PRIVS)` and `landlock_restrict_self`, both async-signal-safe, between
+//! fork and exec.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use landlock::{
+    Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    Scope, ABI,
+};
+use tokio::process::Command;
+
+use sandbox_core::{Error, Result};
+
+use super::Launch;
+
+/// The newest ABI whose rights this crate has been tested with; newer kernels still enforce it.
+const TESTED_ABI: ABI = ABI::V6;
+
+/// Character devices a command may write to.
+const WRITABLE_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+
+/// The kernel's Landlock ABI version (`landlock_create_ruleset(NULL, 0, VERSION)`).
+pub(crate) fn detect() -> std::result::Result<i32, String> {
+    // SAFETY: the version query takes no pointer and has no side effect.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            1u32, // LANDLOCK_CREATE_RULESET_VERSION
+        )
+    };
+    if v >= 1 {
+        Ok(v as i32)
+    } else {
+        let err = std::io::Error::last_os_error();
+        Err(match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => "Landlock is built into the kernel but not enabled at boot".into(),
+            Some(libc::ENOSYS) => "the kernel has no Landlock support".into(),
+            _ => format!("Landlock version query failed: {err}"),
+        })
+    }
+}
+
+/// Builds the ruleset of a sandbox: read and execute everywhere, everything in the workspace and
+/// the private tmp, writes to a few harmless devices.
+pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Result<Arc<OwnedFd>> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Error::provider(crate::LOCAL, format!("cannot build the Landlock ruleset ({what}): {e}"))
+    };
+    let mut attr = Ruleset::default()
+        .handle_access(AccessFs::from_all(TESTED_ABI))
+        .map_err(|e| fail("filesystem rights", &e))?
+        .scope(Scope::from_all(TESTED_ABI))
+        .map_err(|e| fail("scopes", &e))?;
+    if !network {
+        attr = attr
+            .handle_access(AccessNet::from_all(TESTED_ABI))
+            .map_err(|e| fail("network rights", &e))?;
+    }
+    let path_fd = |p: &Path| PathFd::new(p).map_err(|e| fail(&p.display().to_string(), &e));
+    let mut created = attr
+        .create()
+        .map_err(|e| fail("create", &e))?
+        .add_rule(PathBeneath::new(path_fd(Path::new("/"))?, AccessFs::from_read(TESTED_ABI)))
+        .map_err(|e| fail("/", &e))?
+        .add_rule(PathBeneath::new(path_fd(workspace)?, AccessFs::from_all(TESTED_ABI)))
+        .map_err(|e| fail("workspace", &e))?
+        .add_rule(PathBeneath::new(path_fd(private_tmp)?, AccessFs::from_all(TESTED_ABI)))
+        .map_err(|e| fail("tmp", &e))?;
+    for dev in WRITABLE_DEVICES {
+        if let Ok(fd) = PathFd::new(dev) {
+            created = created
+                .add_rule(PathBeneath::new(fd, AccessFs::from_file(TESTED_ABI)))
+                .map_err(|e| fail(dev, &e))?;
+        }
+    }
+    let fd: Option<OwnedFd> = created.into();
+    fd.map(Arc::new)
+        .ok_or_else(|| fail("create", &"the kernel does not enforce Landlock"))
+}
+
+/// `argv` run directly, restricted by `ruleset` in the child before it executes.
+pub(crate) fn command(launch: &Launch<'_>, ruleset: Arc<OwnedFd>) -> Command {
+    let mut cmd = super::none::command(launch);
+    let raw = ruleset.as_raw_fd();
+    // SAFETY: the closure only makes two raw syscalls (async-signal-safe) and builds an
+    // io::Error from errno; `ruleset` is kept alive by the closure until the spawn is done.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep_open = &ruleset;
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::syscall(libc::SYS_landlock_restrict_self, raw, 0u32) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
