@@ -48,7 +48,10 @@ fn main() {
     });
     let ratio = |d: Duration| d.as_secs_f64() / baseline.as_secs_f64();
     println!("startup (median of {RUNS} runs)");
-    println!("  baseline `true`      {:>8.2} ms", baseline.as_secs_f64() * 1e3);
+    println!(
+        "  baseline `true`      {:>8.2} ms",
+        baseline.as_secs_f64() * 1e3
+    );
     println!(
         "  sandbox --version    {:>8.2} ms  ({:.1}x baseline)",
         version.as_secs_f64() * 1e3,

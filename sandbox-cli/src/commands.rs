@@ -3,9 +3,9 @@
 use sandbox::registry::{self, StoreBackend};
 use sandbox::service::parse_env_pairs;
 use sandbox::{
-    CommandSpec, Env, Error, ExecRequest, ProcessFilter, ProcessId, ProviderSelector,
-    ReadFrom, SandboxConfig, SandboxFilter, SandboxId, SandboxRecord, SandboxService,
-    SandboxStatus, StopMode,
+    CommandSpec, Env, Error, ExecRequest, ProcessFilter, ProcessId, ProviderSelector, ReadFrom,
+    SandboxConfig, SandboxFilter, SandboxId, SandboxRecord, SandboxService, SandboxStatus,
+    StopMode,
 };
 use serde_json::{json, Value};
 
@@ -182,14 +182,22 @@ async fn create_sandbox(ctx: &Ctx, service: &SandboxService) -> Result<SandboxRe
 async fn create(ctx: &Ctx) -> Result<(), Failure> {
     let service = ctx.service()?;
     let record = create_sandbox(ctx, &service).await?;
-    ctx.out
-        .result(&json!(record), || record.id.to_string());
+    ctx.out.result(&json!(record), || record.id.to_string());
     Ok(())
 }
 
-async fn stop_sandbox(ctx: &Ctx, service: &SandboxService, id: &SandboxId, delete: bool) -> Result<SandboxRecord, Failure> {
+async fn stop_sandbox(
+    ctx: &Ctx,
+    service: &SandboxService,
+    id: &SandboxId,
+    delete: bool,
+) -> Result<SandboxRecord, Failure> {
     let spinner = ctx.out.spinner(format!("stopping sandbox {id}"));
-    let mode = if delete { StopMode::Delete } else { StopMode::Default };
+    let mode = if delete {
+        StopMode::Delete
+    } else {
+        StopMode::Default
+    };
     let r = service
         .stop(id, mode)
         .await
@@ -267,7 +275,10 @@ async fn ls(ctx: &Ctx, status: Option<String>, active: bool) -> Result<u8, Failu
         limit: None,
     };
     let service = ctx.service()?;
-    let list = service.list(&filter).await.context(|| "list sandboxes".into())?;
+    let list = service
+        .list(&filter)
+        .await
+        .context(|| "list sandboxes".into())?;
     ctx.out.result(&json!(list), || {
         let rows: Vec<Vec<String>> = list
             .iter()
@@ -289,14 +300,20 @@ async fn ls(ctx: &Ctx, status: Option<String>, active: bool) -> Result<u8, Failu
 async fn show(ctx: &Ctx, id: &str) -> Result<u8, Failure> {
     let id = parse_sandbox_id(id)?;
     let service = ctx.service()?;
-    let r = service.get(&id).await.context(|| format!("show sandbox {id}"))?;
+    let r = service
+        .get(&id)
+        .await
+        .context(|| format!("show sandbox {id}"))?;
     ctx.out.result(&json!(r), || {
         let mut s = String::new();
         let mut line = |k: &str, v: String| s.push_str(&format!("{k:<10} {v}\n"));
         line("id", r.id.to_string());
         line("status", r.status.to_string());
         line("provider", r.provider.clone());
-        line("external", r.external_sandbox_id.clone().unwrap_or_default());
+        line(
+            "external",
+            r.external_sandbox_id.clone().unwrap_or_default(),
+        );
         if let Some(u) = &r.sandbox_url {
             line("url", u.clone());
         }
@@ -391,8 +408,10 @@ async fn port(ctx: &Ctx, id: &str, port: u16) -> Result<u8, Failure> {
         .port_url(&id, port)
         .await
         .context(|| format!("expose port {port} of sandbox {id}"))?;
-    ctx.out
-        .result(&json!({ "sandboxId": id, "port": port, "url": url }), || url.clone());
+    ctx.out.result(
+        &json!({ "sandboxId": id, "port": port, "url": url }),
+        || url.clone(),
+    );
     Ok(0)
 }
 
@@ -563,7 +582,7 @@ async fn doctor(ctx: &Ctx) -> Result<u8, Failure> {
             })
         })
         .collect();
-    let isolation = local_isolation();
+    let isolation = local_isolation(ctx).await;
     let report = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "store": store,
@@ -595,11 +614,19 @@ async fn doctor(ctx: &Ctx) -> Result<u8, Failure> {
         let names: Vec<_> = regs.iter().map(|r| r.name).collect();
         s.push_str(&format!(
             "providers:  {}\n",
-            if names.is_empty() { "none".into() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
         ));
         s.push_str(&format!(
             "default:    {default}{}\n",
-            if names.contains(&default.as_str()) { "" } else { " (NOT REGISTERED)" }
+            if names.contains(&default.as_str()) {
+                ""
+            } else {
+                " (NOT REGISTERED)"
+            }
         ));
         s.push_str(&format!("isolation:  {}\n", isolation_line(&isolation)));
         for c in &creds {
@@ -617,26 +644,98 @@ async fn doctor(ctx: &Ctx) -> Result<u8, Failure> {
         }
         s
     });
-    Ok(if store["ok"] == json!(true) { 0 } else { crate::output::EXIT_ERROR })
+    Ok(if store["ok"] == json!(true) {
+        0
+    } else {
+        crate::output::EXIT_ERROR
+    })
 }
 
 /// The isolation modes of the `local` provider on this machine, when it is linked.
-fn local_isolation() -> Value {
+#[cfg(feature = "local")]
+async fn local_isolation(ctx: &Ctx) -> Value {
+    use sandbox::local::{availability, IsolationMode, LocalSettings};
+    // Detection runs bubblewrap once: keep it off the async workers.
+    let detected = tokio::task::spawn_blocking(availability).await;
+    let Ok(avail) = detected else {
+        return json!({ "available": null, "auto": null, "note": "isolation detection failed" });
+    };
+    let unavailable: serde_json::Map<String, Value> = [
+        ("bwrap", avail.bwrap.as_ref().err()),
+        ("landlock", avail.landlock_abi.as_ref().err()),
+    ]
+    .into_iter()
+    .filter_map(|(k, why)| why.map(|w| (k.to_string(), json!(w))))
+    .collect();
+    let auto = avail
+        .choose(IsolationMode::Auto)
+        .map(|(i, _)| i.as_str())
+        .unwrap_or("none");
+    let mut v = json!({
+        "available": avail.offered().iter().map(|i| i.as_str()).collect::<Vec<_>>(),
+        "unavailable": unavailable,
+        "auto": auto,
+    });
+    match LocalSettings::resolve(&ctx.config, &ctx.env) {
+        Ok(settings) => {
+            let requested = settings.defaults.isolation.unwrap_or(IsolationMode::Auto);
+            v["requested"] = json!(requested);
+            v["root"] = json!(settings.root);
+            match avail.choose(requested) {
+                Ok((i, _)) => v["effective"] = json!(i.as_str()),
+                Err(e) => v["error"] = json!(e.to_string()),
+            }
+        }
+        Err(e) => v["error"] = json!(e.to_string()),
+    }
+    v
+}
+
+/// Without the `local` provider there is nothing to detect.
+#[cfg(not(feature = "local"))]
+async fn local_isolation(_ctx: &Ctx) -> Value {
     json!({ "available": null, "auto": null, "note": "the local provider is not linked into this build" })
 }
 
 fn isolation_line(v: &Value) -> String {
-    match (v.get("available").and_then(Value::as_array), v.get("auto").and_then(Value::as_str)) {
-        (Some(list), Some(auto)) => {
-            let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
-            format!("available: {}; auto picks {auto}", names.join(", "))
-        }
-        _ => v
+    let names = |k: &str| -> Option<String> {
+        let list = v.get(k)?.as_array()?;
+        Some(
+            list.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    let Some(available) = names("available") else {
+        return v
             .get("note")
             .and_then(Value::as_str)
             .unwrap_or("unknown")
-            .to_string(),
+            .to_string();
+    };
+    let mut s = format!(
+        "available: {available}; auto picks {}",
+        v["auto"].as_str().unwrap_or("?")
+    );
+    if let (Some(req), Some(eff)) = (v["requested"].as_str(), v["effective"].as_str()) {
+        s.push_str(&format!("; configured {req} -> {eff}"));
     }
+    if let Some(un) = v["unavailable"].as_object() {
+        for (k, why) in un {
+            s.push_str(&format!(
+                "\n            {k} unavailable: {}",
+                why.as_str().unwrap_or("")
+            ));
+        }
+    }
+    if let Some(e) = v["error"].as_str() {
+        s.push_str(&format!("\n            error: {e}"));
+    }
+    if let Some(root) = v["root"].as_str() {
+        s.push_str(&format!("\n            local root: {root}"));
+    }
+    s
 }
 
 #[cfg(test)]

@@ -32,11 +32,15 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, Failure> {
     }
     match s.split_once(':') {
         Some((prefix, path)) if !prefix.is_empty() && !prefix.contains('/') => {
-            let id = SandboxId::parse(prefix).context(|| format!("read the sandbox side of {s:?}"))?;
+            let id =
+                SandboxId::parse(prefix).context(|| format!("read the sandbox side of {s:?}"))?;
             if path.is_empty() {
                 return Err(Failure::new(
                     format!("read {s:?}"),
-                    Error::invalid("sandbox_path_invalid", "the sandbox path after `ID:` is empty"),
+                    Error::invalid(
+                        "sandbox_path_invalid",
+                        "the sandbox path after `ID:` is empty",
+                    ),
                 ));
             }
             Ok(Endpoint::Sandbox(id, path.to_string()))
@@ -57,7 +61,8 @@ fn file_name(sandbox_path: &str) -> &str {
 pub async fn cp(ctx: &Ctx, src: &str, dst: &str) -> Result<u8, Failure> {
     let (from, to) = (parse_endpoint(src)?, parse_endpoint(dst)?);
     let bytes = match (&from, &to) {
-        (Endpoint::Sandbox(..), Endpoint::Sandbox(..)) | (Endpoint::Host(_) | Endpoint::Stdio, Endpoint::Host(_) | Endpoint::Stdio) => {
+        (Endpoint::Sandbox(..), Endpoint::Sandbox(..))
+        | (Endpoint::Host(_) | Endpoint::Stdio, Endpoint::Host(_) | Endpoint::Stdio) => {
             return Err(Failure::new(
                 format!("copy {src} to {dst}"),
                 Error::invalid(
@@ -90,7 +95,10 @@ pub async fn cp(ctx: &Ctx, src: &str, dst: &str) -> Result<u8, Failure> {
         (Endpoint::Stdio, Endpoint::Sandbox(id, dest)) => {
             let mut content = Vec::new();
             std::io::stdin().read_to_end(&mut content).map_err(|e| {
-                Failure::new("read stdin", Error::invalid("sandbox_cp_source_unreadable", e.to_string()))
+                Failure::new(
+                    "read stdin",
+                    Error::invalid("sandbox_cp_source_unreadable", e.to_string()),
+                )
             })?;
             let len = content.len();
             upload(ctx, id, dest, content).await?;
@@ -168,8 +176,14 @@ mod tests {
             Endpoint::Sandbox(id, "a/b.bin".into())
         );
         assert_eq!(parse_endpoint("-").unwrap(), Endpoint::Stdio);
-        assert_eq!(parse_endpoint("./x:y").unwrap(), Endpoint::Host("./x:y".into()));
-        assert_eq!(parse_endpoint("/tmp/a").unwrap(), Endpoint::Host("/tmp/a".into()));
+        assert_eq!(
+            parse_endpoint("./x:y").unwrap(),
+            Endpoint::Host("./x:y".into())
+        );
+        assert_eq!(
+            parse_endpoint("/tmp/a").unwrap(),
+            Endpoint::Host("/tmp/a".into())
+        );
         let bad = parse_endpoint("not-an-id:file").unwrap_err();
         assert_eq!(bad.error.code(), "invalid_sandbox_id");
         assert_eq!(

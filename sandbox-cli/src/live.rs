@@ -8,7 +8,9 @@ use sandbox::{
     ChunkType, CommandSpec, ProcessOutcome, ProcessStatus, ReadFrom, SandboxId, SandboxService,
 };
 
-use crate::output::{Context, Failure, Output, EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_START_FAILED};
+use crate::output::{
+    Context, Failure, Output, EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_START_FAILED,
+};
 
 /// How a live command ended.
 #[derive(Debug)]
@@ -212,8 +214,14 @@ mod tests {
         assert_eq!(end(ProcessStatus::Exited, Some(0), None).exit_code(), 0);
         assert_eq!(end(ProcessStatus::Failed, Some(3), None).exit_code(), 3);
         assert_eq!(end(ProcessStatus::Failed, None, None).exit_code(), 1);
-        assert_eq!(end(ProcessStatus::Killed, None, Some("SIGKILL")).exit_code(), 137);
-        assert_eq!(end(ProcessStatus::Killed, None, Some("SIGTERM")).exit_code(), 143);
+        assert_eq!(
+            end(ProcessStatus::Killed, None, Some("SIGKILL")).exit_code(),
+            137
+        );
+        assert_eq!(
+            end(ProcessStatus::Killed, None, Some("SIGTERM")).exit_code(),
+            143
+        );
         assert_eq!(end(ProcessStatus::Killed, None, None).exit_code(), 137);
         assert_eq!(end(ProcessStatus::Lost, None, None).exit_code(), 1);
         let mut e = end(ProcessStatus::Killed, None, Some("SIGKILL"));

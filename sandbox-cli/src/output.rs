@@ -43,19 +43,27 @@ impl Failure {
         let code = self.error.code();
         let hint = match code.as_str() {
             "sandbox_not_found" => "list sandboxes with `sandbox ls`",
-            "sandbox_process_not_found" => "list the processes of a sandbox with `sandbox ps SANDBOX_ID`",
+            "sandbox_process_not_found" => {
+                "list the processes of a sandbox with `sandbox ps SANDBOX_ID`"
+            }
             "sandbox_provider_unknown" => {
                 "choose one with --provider, SANDBOX_PROVIDER or the config's `provider`"
             }
             "sandbox_store_unknown" | "sandbox_store_url_invalid" => {
                 "use --store or SANDBOX_STORE, e.g. sqlite:///path/to/sandbox.db"
             }
-            "unauthorized" => "check the provider's credentials: `sandbox doctor` lists which are set",
-            "invalid_sandbox_id" => "sandbox ids are the UUIDs printed by `sandbox create` and `sandbox ls`",
+            "unauthorized" => {
+                "check the provider's credentials: `sandbox doctor` lists which are set"
+            }
+            "invalid_sandbox_id" => {
+                "sandbox ids are the UUIDs printed by `sandbox create` and `sandbox ls`"
+            }
             "invalid_process_id" => "process ids are the UUIDs printed by `sandbox ps SANDBOX_ID`",
             "sandbox_file_not_found" => "paths are relative to the sandbox workspace",
             "command_failed_to_start" => "check the command name and --cwd",
-            c if c.ends_with("_not_supported") => "`sandbox providers` shows what each provider can do",
+            c if c.ends_with("_not_supported") => {
+                "`sandbox providers` shows what each provider can do"
+            }
             _ => return None,
         };
         Some(hint.to_string())

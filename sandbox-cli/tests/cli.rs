@@ -137,7 +137,10 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         if let Some(s) = child.try_wait().expect("wait") {
             return s;
         }
-        assert!(std::time::Instant::now() < deadline, "child did not exit within {TIMEOUT:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child did not exit within {TIMEOUT:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -158,7 +161,10 @@ fn only_process(home: &Home, id: &str) -> Value {
         if let Some(p) = ps.as_array().and_then(|a| a.first()) {
             return p.clone();
         }
-        assert!(std::time::Instant::now() < deadline, "no process recorded in {id}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no process recorded in {id}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -208,7 +214,9 @@ fn run_json_prints_log_lines_then_the_outcome() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("every line is JSON"))
         .collect();
-    assert!(lines.iter().any(|l| l["type"] == "stdout" && l["data"]["text"] == "hi"));
+    assert!(lines
+        .iter()
+        .any(|l| l["type"] == "stdout" && l["data"]["text"] == "hi"));
     let last = lines.last().unwrap();
     assert_eq!(last["exitCode"], 3);
     assert_eq!(last["status"], "failed");
@@ -223,18 +231,33 @@ fn exec_is_recorded_with_cwd_and_env() {
     home.ok(&["exec", &id, "--", "mkdir", "sub"]);
     let out = home
         .cmd()
-        .args(["exec", &id, "--cwd", "sub", "--env", "GREETING=hi there", "--"])
+        .args([
+            "exec",
+            &id,
+            "--cwd",
+            "sub",
+            "--env",
+            "GREETING=hi there",
+            "--",
+        ])
         .args(["sh", "-c", "echo \"$GREETING\" from $(basename \"$PWD\")"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"hi there from sub\n");
     let ps = home.json(&["ps", &id]);
     assert_eq!(ps.as_array().unwrap().len(), 2);
     let p = &ps[1];
     assert_eq!(p["status"], "exited");
     assert_eq!(p["exitCode"], 0);
-    assert_eq!(p["env"]["GREETING"], "[redacted]", "env values are never stored");
+    assert_eq!(
+        p["env"]["GREETING"], "[redacted]",
+        "env values are never stored"
+    );
     let logs = home.ok(&["logs", p["id"].as_str().unwrap()]);
     assert_eq!(logs, "hi there from sub\n");
 }
@@ -246,28 +269,64 @@ fn logs_follow_picks_up_from_seq_while_the_command_runs() {
     // The command prints `one`, then waits for a gate file that the test writes later.
     let (mut exec, exec_out) = spawn_lines(
         &home,
-        &["exec", &id, "--", "sh", "-c", "echo one; while [ ! -e gate ]; do sleep 0.02; done; echo two"],
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo one; while [ ! -e gate ]; do sleep 0.02; done; echo two",
+        ],
     );
     expect_line(&exec_out, "one");
     let p = only_process(&home, &id);
     assert_eq!(p["status"], "running");
     let pid = p["id"].as_str().unwrap().to_string();
 
-    // seq 1 is the `running` status chunk, seq 2 carries `one`: start after it.
-    let (mut follow, follow_out) = spawn_lines(&home, &["logs", &pid, "--follow", "--from-seq", "3"]);
-    assert!(follow.try_wait().unwrap().is_none() || wait_exit(&mut follow).success());
+    // seq 1 is the `running` status chunk, seq 2 carries `one`.
+    let (mut follow, follow_out) = spawn_lines(
+        &home,
+        &["--json", "logs", &pid, "--follow", "--from-seq", "2"],
+    );
+    let chunk = |rx: &mpsc::Receiver<String>| -> Value {
+        let line = rx
+            .recv_timeout(TIMEOUT)
+            .expect("a log line within the timeout");
+        serde_json::from_str(&line).expect("NDJSON")
+    };
+    let first = chunk(&follow_out);
+    assert_eq!(
+        (first["seq"].as_u64(), first["data"]["text"].as_str()),
+        (Some(2), Some("one\n"))
+    );
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "follow waits while the log is open"
+    );
 
+    // Only now may the command go on: `two` reaches the follower live.
     let gate = home.path().join("gate");
     std::fs::write(&gate, b"").unwrap();
     home.ok(&["cp", gate.to_str().unwrap(), &format!("{id}:gate")]);
-
-    expect_line(&follow_out, "two");
-    assert!(wait_exit(&mut follow).success(), "{}", stderr_of(&mut follow));
-    assert!(follow_out.recv_timeout(TIMEOUT).is_err(), "nothing after `two`");
+    let second = chunk(&follow_out);
+    assert_eq!(
+        (second["seq"].as_u64(), second["data"]["text"].as_str()),
+        (Some(3), Some("two\n"))
+    );
+    let exit = chunk(&follow_out);
+    assert_eq!(
+        (exit["type"].as_str(), exit["data"]["status"].as_str()),
+        (Some("exit"), Some("exited"))
+    );
+    assert!(
+        wait_exit(&mut follow).success(),
+        "{}",
+        stderr_of(&mut follow)
+    );
     expect_line(&exec_out, "two");
     assert!(wait_exit(&mut exec).success());
 
-    assert_eq!(home.ok(&["logs", &pid, "--from-seq", "2"]), "one\ntwo\n");
+    assert_eq!(home.ok(&["logs", &pid, "--from-seq", "3"]), "two\n");
     assert_eq!(home.ok(&["logs", &pid]), "one\ntwo\n");
 }
 
@@ -277,7 +336,11 @@ fn logs_follow_picks_up_from_seq_while_the_command_runs() {
 fn cp_copies_binary_content_both_ways() {
     let home = Home::new();
     let id = home.create();
-    let content: Vec<u8> = (0..=255u8).cycle().take(70_000).chain([0xff, 0xfe, 0x00, 0xc3]).collect();
+    let content: Vec<u8> = (0..=255u8)
+        .cycle()
+        .take(70_000)
+        .chain([0xff, 0xfe, 0x00, 0xc3])
+        .collect();
     let src = home.path().join("data.bin");
     std::fs::write(&src, &content).unwrap();
 
@@ -287,12 +350,20 @@ fn cp_copies_binary_content_both_ways() {
     assert_eq!(std::fs::read(&back).unwrap(), content);
 
     // The same bytes come through a recorded command's log.
-    let out = home.cmd().args(["exec", &id, "--", "cat", "dir/data.bin"]).output().unwrap();
+    let out = home
+        .cmd()
+        .args(["exec", &id, "--", "cat", "dir/data.bin"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout, content);
 
     // `-` is stdout.
-    let out = home.cmd().args(["cp", &format!("{id}:dir/data.bin"), "-"]).output().unwrap();
+    let out = home
+        .cmd()
+        .args(["cp", &format!("{id}:dir/data.bin"), "-"])
+        .output()
+        .unwrap();
     assert_eq!(out.stdout, content);
 }
 
@@ -320,11 +391,13 @@ fn checkpoint_and_restore_bring_back_the_workspace() {
     assert_eq!(home.ok(&["cp", &format!("{id}:state.txt"), "-"]), "v2\n");
 
     let list = home.json(&["checkpoints", &id]);
-    assert!(list
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["id"] == cp_id.as_str() && c["comment"] == "first"), "{list}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == cp_id.as_str() && c["comment"] == "first"),
+        "{list}"
+    );
 
     home.ok(&["restore", &id, &cp_id]);
     assert_eq!(home.ok(&["cp", &format!("{id}:state.txt"), "-"]), "v1\n");
@@ -352,13 +425,24 @@ fn reconcile_marks_the_process_of_a_killed_exec_lost() {
     let id = home.create();
     let (mut exec, out) = spawn_lines(
         &home,
-        &["exec", &id, "--", "sh", "-c", "echo started; while [ ! -e gate ]; do sleep 0.02; done"],
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo started; while [ ! -e gate ]; do sleep 0.02; done",
+        ],
     );
     expect_line(&out, "started");
     let pid = only_process(&home, &id)["id"].as_str().unwrap().to_string();
     exec.kill().unwrap(); // SIGKILL: the CLI cannot record anything
     wait_exit(&mut exec);
-    assert_eq!(only_process(&home, &id)["status"], "running", "nobody has recorded the end yet");
+    assert_eq!(
+        only_process(&home, &id)["status"],
+        "running",
+        "nobody has recorded the end yet"
+    );
 
     let report = home.json(&["reconcile"]);
     let lost: Vec<&str> = report["lost"]
@@ -388,14 +472,25 @@ fn ctrl_c_during_exec_kills_the_command_and_records_it_killed() {
     let id = home.create();
     let (mut exec, out) = spawn_lines(
         &home,
-        &["exec", &id, "--", "sh", "-c", "echo started; while true; do sleep 0.02; done"],
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo started; while true; do sleep 0.02; done",
+        ],
     );
     expect_line(&out, "started");
     interrupt(&exec);
     let status = wait_exit(&mut exec);
     assert_eq!(status.code(), Some(130), "{}", stderr_of(&mut exec));
     assert_eq!(only_process(&home, &id)["status"], "killed");
-    assert_eq!(home.json(&["show", &id])["status"], "active", "exec leaves the sandbox running");
+    assert_eq!(
+        home.json(&["show", &id])["status"],
+        "active",
+        "exec leaves the sandbox running"
+    );
 }
 
 #[test]
@@ -403,7 +498,13 @@ fn ctrl_c_during_run_kills_the_command_and_stops_the_sandbox() {
     let home = Home::new();
     let (mut run, out) = spawn_lines(
         &home,
-        &["run", "--", "sh", "-c", "echo started; while true; do sleep 0.02; done"],
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo started; while true; do sleep 0.02; done",
+        ],
     );
     expect_line(&out, "started");
     interrupt(&run);
@@ -427,7 +528,12 @@ fn json_output_parses_for_every_listing_command() {
     assert_eq!(home.json(&["show", id])["id"], id);
     assert_eq!(home.json(&["ls"]).as_array().unwrap().len(), 1);
     assert!(home.json(&["ps", id]).is_array());
-    assert!(home.json(&["providers"]).as_array().unwrap().iter().any(|p| p["name"] == "local"));
+    assert!(home
+        .json(&["providers"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "local"));
     let report = home.json(&["reconcile"]);
     assert!(report["lost"].is_array());
     let doctor = home.json(&["doctor"]);
@@ -448,8 +554,18 @@ fn doctor_reports_store_providers_isolation_and_credentials_by_name_only() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.contains("very-secret-token-value") && !text.contains("another-secret-value"));
     let d: Value = serde_json::from_str(&text).unwrap();
-    assert!(d["store"]["location"].as_str().unwrap().contains(home.path().to_str().unwrap()), "{d}");
-    assert!(d["providers"].as_array().unwrap().iter().any(|p| p == "local"));
+    assert!(
+        d["store"]["location"]
+            .as_str()
+            .unwrap()
+            .contains(home.path().to_str().unwrap()),
+        "{d}"
+    );
+    assert!(d["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "local"));
     assert_eq!(d["defaultProvider"], "local");
     assert!(d["localIsolation"]["available"].is_array(), "{d}");
     assert!(d["localIsolation"]["auto"].is_string(), "{d}");
@@ -519,7 +635,10 @@ fn unknown_provider_lists_the_registered_ones_and_creates_nothing() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     let text = String::from_utf8(out.stderr).unwrap();
-    assert!(text.contains("nosuch") && text.contains("registered providers: "), "{text}");
+    assert!(
+        text.contains("nosuch") && text.contains("registered providers: "),
+        "{text}"
+    );
     assert_eq!(home.json(&["ls"]), serde_json::json!([]));
 }
 
@@ -530,10 +649,17 @@ fn paths_escaping_the_workspace_are_refused_and_nothing_is_written() {
     let before = home.snapshot();
     let src = home.path().join("evil.txt");
     std::fs::write(&src, b"evil").unwrap();
-    for dest in ["../../../escaped.txt", "/etc/escaped.txt", "a/../../escaped.txt"] {
+    for dest in [
+        "../../../escaped.txt",
+        "/etc/escaped.txt",
+        "a/../../escaped.txt",
+    ] {
         let (code, err) = home.json_err(&["cp", src.to_str().unwrap(), &format!("{id}:{dest}")]);
         assert_eq!(code, 1);
-        assert!(err["code"].as_str().unwrap().starts_with("sandbox_path"), "{err}");
+        assert!(
+            err["code"].as_str().unwrap().starts_with("sandbox_path"),
+            "{err}"
+        );
     }
     let (_, err) = home.json_err(&["exec", &id, "--cwd", "../..", "--", "true"]);
     assert_eq!(err["code"], "sandbox_path_outside_workspace");
@@ -554,10 +680,17 @@ fn bad_env_keys_are_refused_before_anything_runs() {
     assert_eq!(code, 125);
     assert_eq!(err["code"], "sandbox_env_key_invalid:BAD-KEY");
     let (_, err) = home.json_err(&["exec", &id, "--env", "NOEQUALS", "--", "true"]);
-    assert!(err["code"].as_str().unwrap().starts_with("sandbox_env_key_invalid"));
+    assert!(err["code"]
+        .as_str()
+        .unwrap()
+        .starts_with("sandbox_env_key_invalid"));
     let (_, err) = home.json_err(&["run", "--env", "1X=y", "--", "true"]);
     assert_eq!(err["code"], "sandbox_env_key_invalid:1X");
-    assert_eq!(home.snapshot(), before, "no sandbox or process was recorded");
+    assert_eq!(
+        home.snapshot(),
+        before,
+        "no sandbox or process was recorded"
+    );
 }
 
 // ---- the README --------------------------------------------------------------------------
@@ -566,10 +699,13 @@ fn bad_env_keys_are_refused_before_anything_runs() {
 /// commands name.
 fn readme_commands() -> (PathBuf, Vec<Vec<String>>, Vec<String>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let readme = [root.join("README.md"), root.join("sandbox-cli/README-draft.md")]
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("README.md (or sandbox-cli/README-draft.md) exists");
+    let readme = [
+        root.join("README.md"),
+        root.join("sandbox-cli/README-draft.md"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("README.md (or sandbox-cli/README-draft.md) exists");
     let text = std::fs::read_to_string(&readme).unwrap();
     let mut runs = Vec::new();
     let mut packages = Vec::new();
@@ -628,8 +764,16 @@ fn shell_words(s: &str) -> Vec<String> {
 #[test]
 fn readme_commands_exist_as_written() {
     let (readme, runs, packages) = readme_commands();
-    assert!(!runs.is_empty(), "{} has a `cargo run -p sandbox-cli -- ...` command", readme.display());
-    assert!(!packages.is_empty(), "{} has a `cargo test` command", readme.display());
+    assert!(
+        !runs.is_empty(),
+        "{} has a `cargo run -p sandbox-cli -- ...` command",
+        readme.display()
+    );
+    assert!(
+        !packages.is_empty(),
+        "{} has a `cargo test` command",
+        readme.display()
+    );
     let home = Home::new();
     for args in &runs {
         let out = home.cmd().args(args).output().unwrap();
@@ -642,6 +786,9 @@ fn readme_commands_exist_as_written() {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     for p in packages.iter().filter(|p| !p.is_empty()) {
-        assert!(root.join(p).join("Cargo.toml").exists(), "README names package {p}, which does not exist");
+        assert!(
+            root.join(p).join("Cargo.toml").exists(),
+            "README names package {p}, which does not exist"
+        );
     }
 }

@@ -11,11 +11,14 @@
 //! | Feature   | Default | Crate            | Registers                                  |
 //! |-----------|---------|------------------|--------------------------------------------|
 //! | *(none)*  | always  | `sandbox-core`   | store `memory` (`memory:`)                 |
-//! | `full`    | no      | all of the below | everything whose crate exists              |
+//! | `local`   | yes     | [`sandbox-local`](local) | provider `local`                   |
+//! | `sqlite`  | yes     | [`sandbox-sqlite`](sqlite) | store `sqlite` (`sqlite:`, `sqlite:///path.db`) |
+//! | `full`    | no      | all of the above | every backend whose crate exists           |
 //!
-//! Backends whose crates are not in the workspace yet (`local`, `sqlite`, `sprites`, `vercel`,
-//! `daytona`, `instant`, `skills`) get their feature when their crate lands: a feature that
-//! linked nothing would be a silent no-op.
+//! Backends whose crates are not in the workspace yet (`sprites`, `vercel`, `daytona`,
+//! `instant`, `skills`) get their feature when their crate lands: a feature that linked
+//! nothing would be a silent no-op. Each enabled backend crate is re-exported under its short
+//! name (`sandbox::local`, `sandbox::sqlite`) for its own configuration types.
 //!
 //! # Environment
 //!
@@ -43,3 +46,11 @@
 #![warn(missing_docs)]
 
 pub use sandbox_core::*;
+
+/// The `local` provider (feature `local`).
+#[cfg(feature = "local")]
+pub use sandbox_local as local;
+
+/// The SQLite store (feature `sqlite`).
+#[cfg(feature = "sqlite")]
+pub use sandbox_sqlite as sqlite;

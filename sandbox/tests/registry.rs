@@ -6,16 +6,24 @@ use sandbox::registry;
 
 /// `(feature enabled, provider name)` for every provider feature of the facade.
 fn expected_providers() -> Vec<&'static str> {
-    let features: &[(bool, &str)] = &[];
-    let mut v: Vec<_> = features.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+    let features: &[(bool, &str)] = &[(cfg!(feature = "local"), "local")];
+    let mut v: Vec<_> = features
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
     v.sort_unstable();
     v
 }
 
 /// `memory` plus `(feature enabled, store scheme)` for every store feature of the facade.
 fn expected_stores() -> Vec<&'static str> {
-    let features: &[(bool, &str)] = &[(true, "memory")];
-    let mut v: Vec<_> = features.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+    let features: &[(bool, &str)] = &[(true, "memory"), (cfg!(feature = "sqlite"), "sqlite")];
+    let mut v: Vec<_> = features
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
     v.sort_unstable();
     v
 }
