@@ -47,7 +47,7 @@ use tokio::sync::mpsc;
 use db::Db;
 
 /// One request the emulator received.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecordedRequest {
     /// HTTP method.
     pub method: String,
@@ -55,6 +55,8 @@ pub struct RecordedRequest {
     pub path: String,
     /// Operations carried: transact step actions, push message ops, query namespaces.
     pub ops: Vec<String>,
+    /// The JSON body, or `null` when there was none or it was not JSON.
+    pub body: Value,
 }
 
 #[derive(Debug, Default)]
@@ -313,6 +315,7 @@ async fn front(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Respo
         method: parts.method.to_string(),
         path: path.clone(),
         ops,
+        body: parsed.clone(),
     });
     let (latency, fault) = {
         let mut f = lock(&sh.faults);
