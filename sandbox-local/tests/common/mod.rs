@@ -65,16 +65,26 @@ pub fn provider(root: &Path) -> Arc<LocalProvider> {
 }
 
 /// A sandbox in `mode`, with `extra` top-level config JSON (e.g. `"ports": [8080]`).
-pub async fn sandbox(mode: Isolation, extra: &str) -> (tempfile::TempDir, Arc<LocalProvider>, Provisioned) {
+pub async fn sandbox(
+    mode: Isolation,
+    extra: &str,
+) -> (tempfile::TempDir, Arc<LocalProvider>, Provisioned) {
+    sandbox_with(config(mode, extra)).await
+}
+
+/// A sandbox created from `config`, under a fresh root.
+pub async fn sandbox_with(
+    config: SandboxConfig,
+) -> (tempfile::TempDir, Arc<LocalProvider>, Provisioned) {
     let dir = root();
     let p = provider(dir.path());
     let provisioned = p
         .create(&CreateRequest {
             sandbox_id: SandboxId::new(),
-            config: config(mode, extra),
+            config: config.clone(),
         })
         .await
-        .unwrap_or_else(|e| panic!("create in {mode} mode: {e}"));
+        .unwrap_or_else(|e| panic!("create with {config:?}: {e}"));
     (dir, p, provisioned)
 }
 
