@@ -328,8 +328,7 @@ async fn a_missing_program_fails_to_start() {
     let e = sb
         .exec(ExecRequest::new(["definitely-not-a-program-8c1d"]))
         .await
-        .err()
-        .expect("must not start");
+        .expect_err("must not start");
     assert_eq!(e.code(), "command_failed_to_start", "{e}");
 }
 
