@@ -128,7 +128,9 @@ pub(crate) fn restore(layout: &Layout, id: &str) -> Result<()> {
     if !is_checkpoint_id(id) || !archive.is_file() || !sidecar_path(layout, id).is_file() {
         return Err(Error::not_found(Missing::Checkpoint, id));
     }
-    let staging = layout.dir.join(format!(".restore-{}", uuid::Uuid::new_v4()));
+    let staging = layout
+        .dir
+        .join(format!(".restore-{}", uuid::Uuid::new_v4()));
     let unpacked = (|| -> std::io::Result<()> {
         std::fs::create_dir(&staging)?;
         let mut tar = tar::Archive::new(GzDecoder::new(BufReader::with_capacity(
@@ -145,11 +147,17 @@ pub(crate) fn restore(layout: &Layout, id: &str) -> Result<()> {
     })();
     if let Err(e) = unpacked {
         remove_tree(&staging);
-        return Err(error::io(format!("restore checkpoint {id} (workspace unchanged)"), e));
+        return Err(error::io(
+            format!("restore checkpoint {id} (workspace unchanged)"),
+            e,
+        ));
     }
     if let Err(e) = exchange(&staging, &layout.workspace) {
         remove_tree(&staging);
-        return Err(error::io(format!("restore checkpoint {id} (workspace unchanged)"), e));
+        return Err(error::io(
+            format!("restore checkpoint {id} (workspace unchanged)"),
+            e,
+        ));
     }
     // `staging` now holds the previous workspace.
     remove_tree(&staging);
@@ -223,8 +231,11 @@ mod tests {
         let ws = &l.workspace;
         std::fs::create_dir_all(ws.join("sub/empty")).unwrap();
         std::fs::write(ws.join("sub/script.sh"), "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(ws.join("sub/script.sh"), std::fs::Permissions::from_mode(0o751))
-            .unwrap();
+        std::fs::set_permissions(
+            ws.join("sub/script.sh"),
+            std::fs::Permissions::from_mode(0o751),
+        )
+        .unwrap();
         std::fs::write(ws.join("kept"), "v1").unwrap();
         std::os::unix::fs::symlink("kept", ws.join("link")).unwrap();
         let cp = create(&l, Some("first".into())).unwrap();
@@ -236,10 +247,16 @@ mod tests {
 
         assert_eq!(std::fs::read_to_string(ws.join("kept")).unwrap(), "v1");
         assert!(!ws.join("newer").exists());
-        let mode = std::fs::metadata(ws.join("sub/script.sh")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(ws.join("sub/script.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o751);
         assert!(ws.join("sub/empty").is_dir());
-        assert_eq!(std::fs::read_link(ws.join("link")).unwrap(), Path::new("kept"));
+        assert_eq!(
+            std::fs::read_link(ws.join("link")).unwrap(),
+            Path::new("kept")
+        );
         let leftovers: Vec<_> = std::fs::read_dir(&l.dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -261,7 +278,15 @@ mod tests {
         } else {
             assert_eq!(ids, [a.id.as_str(), b.id.as_str()]);
         }
-        assert_eq!(listed.iter().find(|c| c.id == a.id).unwrap().comment.as_deref(), Some("a"));
+        assert_eq!(
+            listed
+                .iter()
+                .find(|c| c.id == a.id)
+                .unwrap()
+                .comment
+                .as_deref(),
+            Some("a")
+        );
     }
 
     #[test]
@@ -272,14 +297,21 @@ mod tests {
         std::fs::write(l.workspace.join("f"), "current").unwrap();
         std::fs::write(archive_path(&l, &cp.id), b"not a gzip stream").unwrap();
         assert!(restore(&l, &cp.id).is_err());
-        assert_eq!(std::fs::read_to_string(l.workspace.join("f")).unwrap(), "current");
+        assert_eq!(
+            std::fs::read_to_string(l.workspace.join("f")).unwrap(),
+            "current"
+        );
     }
 
     #[test]
     fn unknown_or_malformed_ids_are_not_found() {
         let (_d, l) = layout();
         for id in ["00000000-0000-4000-8000-000000000000", "../../etc", ""] {
-            assert_eq!(restore(&l, id).unwrap_err().code(), "checkpoint_not_found", "{id:?}");
+            assert_eq!(
+                restore(&l, id).unwrap_err().code(),
+                "checkpoint_not_found",
+                "{id:?}"
+            );
         }
     }
 }

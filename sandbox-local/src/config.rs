@@ -117,7 +117,10 @@ impl LocalSettings {
         if !root.is_absolute() {
             return Err(Error::invalid(
                 "sandbox_local_root_invalid",
-                format!("local sandbox root {} must be an absolute path", root.display()),
+                format!(
+                    "local sandbox root {} must be an absolute path",
+                    root.display()
+                ),
             ));
         }
         Ok(LocalSettings { root, defaults })
@@ -161,7 +164,8 @@ mod tests {
 
     #[test]
     fn unknown_isolation_mode_is_invalid_input() {
-        let e = LocalConfig::from_config(&cfg(r#"{"local": {"isolation": "docker"}}"#)).unwrap_err();
+        let e =
+            LocalConfig::from_config(&cfg(r#"{"local": {"isolation": "docker"}}"#)).unwrap_err();
         assert_eq!(e.code(), "sandbox_config_invalid");
         let env = Env::from_pairs([(ISOLATION_ENV, "jail"), (ROOT_ENV, "/r")]);
         let e = LocalSettings::resolve(&SandboxConfig::default(), &env).unwrap_err();

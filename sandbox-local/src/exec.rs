@@ -217,9 +217,10 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
     }
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     let (exited_tx, exited_rx) = watch::channel(false);
-    let stdout = child.stdout.take().map(|out| {
-        tokio::spawn(pump(out, tx.clone(), ExecEvent::Stdout, exited_rx.clone()))
-    });
+    let stdout = child
+        .stdout
+        .take()
+        .map(|out| tokio::spawn(pump(out, tx.clone(), ExecEvent::Stdout, exited_rx.clone())));
     let stderr = child
         .stderr
         .take()
@@ -245,7 +246,10 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
         };
         // Whatever the command left in its group ends with it.
         waiter_group.kill();
-        *waiter_group.reaped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *waiter_group
+            .reaped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
         let _ = exited_tx.send(true);
         for reader in [stdout, stderr].into_iter().flatten() {
             let _ = reader.await;

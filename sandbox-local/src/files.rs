@@ -9,8 +9,8 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
@@ -74,7 +74,10 @@ pub(crate) fn resolve(workspace: &Path, path: &str) -> Result<PathBuf> {
                 resolved = candidate;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Err(error::not_a_file(path, "goes through something that is not a directory"));
+                return Err(error::not_a_file(
+                    path,
+                    "goes through something that is not a directory",
+                ));
             }
             Err(e) => return Err(error::io(format!("inspect {}", candidate.display()), e)),
         }
@@ -224,7 +227,10 @@ mod tests {
         f.mode = Some(0o750);
         write_all(&ws, &[f]).unwrap();
         assert_eq!(read(&ws, &p(&ws, "f")).unwrap().unwrap(), "x");
-        let mode = std::fs::metadata(ws.join("f")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(ws.join("f"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o750);
     }
 
@@ -252,8 +258,14 @@ mod tests {
         symlink("real", ws.join("alias")).unwrap();
         symlink("../workspace/real/f", ws.join("rel-file")).unwrap();
         write_all(&ws, &[FileWrite::new(p(&ws, "alias/f"), "via alias")]).unwrap();
-        assert_eq!(std::fs::read_to_string(ws.join("real/f")).unwrap(), "via alias");
-        assert_eq!(read(&ws, &p(&ws, "rel-file")).unwrap().unwrap(), "via alias");
+        assert_eq!(
+            std::fs::read_to_string(ws.join("real/f")).unwrap(),
+            "via alias"
+        );
+        assert_eq!(
+            read(&ws, &p(&ws, "rel-file")).unwrap().unwrap(),
+            "via alias"
+        );
     }
 
     #[test]
@@ -275,7 +287,10 @@ mod tests {
     fn directories_and_the_root_are_not_files() {
         let (_d, ws) = workspace();
         std::fs::create_dir(ws.join("dir")).unwrap();
-        assert_eq!(read(&ws, &p(&ws, "dir")).unwrap_err().code(), "sandbox_path_invalid");
+        assert_eq!(
+            read(&ws, &p(&ws, "dir")).unwrap_err().code(),
+            "sandbox_path_invalid"
+        );
         let e = write_all(&ws, &[FileWrite::new(p(&ws, "dir"), "x")]).unwrap_err();
         assert_eq!(e.code(), "sandbox_path_invalid");
         let e = write_all(&ws, &[FileWrite::new(ws.display().to_string(), "x")]).unwrap_err();

@@ -117,7 +117,12 @@ impl LocalProvider {
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&root)
                 .and_then(|_| root.canonicalize())
-                .map_err(|e| error::io(format!("create the local sandbox root {}", root.display()), e))
+                .map_err(|e| {
+                    error::io(
+                        format!("create the local sandbox root {}", root.display()),
+                        e,
+                    )
+                })
         })
         .await
         .map_err(|e| error::task("create the local sandbox root", e))?
@@ -189,7 +194,10 @@ impl Provider for LocalProvider {
         let params: LocalParams = serde_json::from_value(req.params.clone()).map_err(|e| {
             Error::invalid(
                 "sandbox_local_params_invalid",
-                format!("params.local of sandbox {} cannot be read: {e}", req.sandbox_id),
+                format!(
+                    "params.local of sandbox {} cannot be read: {e}",
+                    req.sandbox_id
+                ),
             )
         })?;
         let layout = Layout::new(&params.root, &req.sandbox_id.to_string());
@@ -259,7 +267,8 @@ impl SandboxContext {
         if let Some(fd) = cached.as_ref() {
             return Ok(fd.clone());
         }
-        let fd = isolation::landlock::ruleset(&self.layout.workspace, &self.layout.tmp, self.network)?;
+        let fd =
+            isolation::landlock::ruleset(&self.layout.workspace, &self.layout.tmp, self.network)?;
         *cached = Some(fd.clone());
         Ok(fd)
     }
@@ -327,15 +336,19 @@ impl SandboxHandle for LocalSandbox {
 
     async fn write_files(&self, files: Vec<FileWrite>) -> Result<()> {
         self.ctx.ensure_running()?;
-        self.blocking("write files", move |ctx| files::write_all(&ctx.layout.workspace, &files))
-            .await
+        self.blocking("write files", move |ctx| {
+            files::write_all(&ctx.layout.workspace, &files)
+        })
+        .await
     }
 
     async fn read_file(&self, path: &str) -> Result<Option<Bytes>> {
         self.ctx.ensure_running()?;
         let path = path.to_string();
-        self.blocking("read a file", move |ctx| files::read(&ctx.layout.workspace, &path))
-            .await
+        self.blocking("read a file", move |ctx| {
+            files::read(&ctx.layout.workspace, &path)
+        })
+        .await
     }
 
     async fn port_url(&self, port: u16) -> Result<String> {
@@ -354,8 +367,10 @@ impl SandboxHandle for LocalSandbox {
 
     async fn checkpoint(&self, comment: Option<String>) -> Result<Checkpoint> {
         self.ctx.ensure_running()?;
-        self.blocking("checkpoint", move |ctx| checkpoint::create(&ctx.layout, comment))
-            .await
+        self.blocking("checkpoint", move |ctx| {
+            checkpoint::create(&ctx.layout, comment)
+        })
+        .await
     }
 
     async fn list_checkpoints(&self) -> Result<Vec<Checkpoint>> {

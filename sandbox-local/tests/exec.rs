@@ -54,11 +54,19 @@ async fn timeout_kills_the_whole_process_group_and_keeps_partial_output() {
         assert!(ran.exit.timed_out, "{mode}: {ran:?}");
         assert_eq!(ran.exit.signal.as_deref(), Some("SIGKILL"), "{mode}");
         assert_eq!(ran.exit.code, None, "{mode}");
-        assert!(ran.stdout.starts_with("bg "), "{mode}: partial output lost: {ran:?}");
+        assert!(
+            ran.stdout.starts_with("bg "),
+            "{mode}: partial output lost: {ran:?}"
+        );
         if mode != Isolation::Bwrap {
             // Host pids (bubblewrap's are namespaced; its namespace ends with the command).
             let bg: i32 = ran.stdout.trim().trim_start_matches("bg ").parse().unwrap();
-            eventually("the background child to die", Duration::from_secs(10), || !alive(bg)).await;
+            eventually(
+                "the background child to die",
+                Duration::from_secs(10),
+                || !alive(bg),
+            )
+            .await;
         }
         sb.handle.stop(StopMode::Delete).await.unwrap();
     }
@@ -69,7 +77,10 @@ async fn kill_reports_sigkill_and_a_signal_exit_is_reported_by_name() {
     for mode in common::modes(&Isolation::ALL).await {
         let (_root, _p, sb) = common::sandbox(mode, "").await;
         let mut exec = sb.handle.exec(sh("echo up; exec sleep 300")).await.unwrap();
-        assert!(matches!(exec.events.next().await, Some(Ok(ExecEvent::Stdout(_)))));
+        assert!(matches!(
+            exec.events.next().await,
+            Some(Ok(ExecEvent::Stdout(_)))
+        ));
         exec.control.clone().unwrap().kill().await.unwrap();
         let mut last = None;
         while let Some(ev) = exec.events.next().await {
@@ -87,7 +98,11 @@ async fn kill_reports_sigkill_and_a_signal_exit_is_reported_by_name() {
         if mode != Isolation::Bwrap {
             // Under bubblewrap a signal inside shows as exit code 128+n (bwrap's own status).
             let ran = run(sb.handle.as_ref(), sh("kill -TERM $$")).await;
-            assert_eq!(ran.exit.signal.as_deref(), Some("SIGTERM"), "{mode}: {ran:?}");
+            assert_eq!(
+                ran.exit.signal.as_deref(),
+                Some("SIGTERM"),
+                "{mode}: {ran:?}"
+            );
         }
         sb.handle.stop(StopMode::Delete).await.unwrap();
     }
@@ -123,7 +138,11 @@ async fn large_output_arrives_complete_and_in_order() {
         let ran = run(sb.handle.as_ref(), sh("seq 1 200000")).await;
         assert!(ran.exit.success(), "{mode}");
         let expected: String = (1..=200_000).map(|n| format!("{n}\n")).collect();
-        assert!(ran.stdout == expected, "{mode}: {} bytes differ", ran.stdout.len());
+        assert!(
+            ran.stdout == expected,
+            "{mode}: {} bytes differ",
+            ran.stdout.len()
+        );
         sb.handle.stop(StopMode::Delete).await.unwrap();
     }
 }
@@ -135,7 +154,10 @@ async fn stop_kills_every_running_command() {
         let mut a = sb.handle.exec(sh("echo a; exec sleep 300")).await.unwrap();
         let mut b = sb.handle.exec(sh("echo b; exec sleep 300")).await.unwrap();
         for exec in [&mut a, &mut b] {
-            assert!(matches!(exec.events.next().await, Some(Ok(ExecEvent::Stdout(_)))));
+            assert!(matches!(
+                exec.events.next().await,
+                Some(Ok(ExecEvent::Stdout(_)))
+            ));
         }
         let pids: Vec<i32> = [&a, &b]
             .iter()

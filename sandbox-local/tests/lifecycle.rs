@@ -43,7 +43,10 @@ async fn a_page_served_from_the_sandbox_is_fetched_through_port_url() {
         let (_root, _p, sb) = common::sandbox(mode, &format!(r#""ports": [{port}]"#)).await;
         let ws = sb.handle.workspace().to_string();
         sb.handle
-            .write_files(vec![FileWrite::new(format!("{ws}/index.html"), "<h1>from the sandbox</h1>")])
+            .write_files(vec![FileWrite::new(
+                format!("{ws}/index.html"),
+                "<h1>from the sandbox</h1>",
+            )])
             .await
             .unwrap();
         let server = sb
@@ -116,7 +119,12 @@ async fn params_hold_what_resume_needs_and_resume_starts_nothing() {
         assert!(p.resume(&wrong).await.is_err());
         sb.handle.stop(StopMode::Delete).await.unwrap();
         assert!(p.resume(&req).await.err().unwrap().is_not_found(), "{mode}");
-        assert!(sb.handle.stop(StopMode::Delete).await.unwrap_err().is_not_found());
+        assert!(sb
+            .handle
+            .stop(StopMode::Delete)
+            .await
+            .unwrap_err()
+            .is_not_found());
     }
 }
 
@@ -148,8 +156,12 @@ async fn stop_deletes_the_workspace_unless_the_sandbox_is_persistent() {
         sb.handle.stop(StopMode::Default).await.unwrap();
     }
     assert!(!std::path::Path::new(ephemeral.handle.workspace()).exists());
-    assert!(std::path::Path::new(persistent.handle.workspace()).join("f").exists());
-    assert!(std::path::Path::new(kept.handle.workspace()).join("f").exists());
+    assert!(std::path::Path::new(persistent.handle.workspace())
+        .join("f")
+        .exists());
+    assert!(std::path::Path::new(kept.handle.workspace())
+        .join("f")
+        .exists());
     persistent.handle.stop(StopMode::Delete).await.unwrap();
     assert!(!std::path::Path::new(persistent.handle.workspace()).exists());
 }
@@ -159,7 +171,11 @@ async fn restore_seen_from_inside_brings_back_files_and_modes() {
     for mode in common::modes(&Isolation::ALL).await {
         let (_root, _p, sb) = common::sandbox(mode, "").await;
         let h = sb.handle.as_ref();
-        let ran = run(h, sh("mkdir d && echo v1 > d/f && chmod 751 d/f && echo gone > deleted")).await;
+        let ran = run(
+            h,
+            sh("mkdir d && echo v1 > d/f && chmod 751 d/f && echo gone > deleted"),
+        )
+        .await;
         assert!(ran.exit.success(), "{mode}: {ran:?}");
         let cp = h.checkpoint(Some("v1".into())).await.unwrap();
         assert_eq!(cp.comment.as_deref(), Some("v1"));
@@ -167,10 +183,20 @@ async fn restore_seen_from_inside_brings_back_files_and_modes() {
         let ran = run(h, sh("echo v2 > d/f && rm deleted && echo new > created")).await;
         assert!(ran.exit.success(), "{mode}: {ran:?}");
         h.restore(&cp.id).await.unwrap();
-        let ran = run(h, sh("cat d/f deleted; stat -c %a d/f; test -e created && echo created-survived; true")).await;
+        let ran = run(
+            h,
+            sh("cat d/f deleted; stat -c %a d/f; test -e created && echo created-survived; true"),
+        )
+        .await;
         assert_eq!(ran.stdout, "v1\ngone\n751\n", "{mode}: {ran:?}");
-        let ids: Vec<_> = h.list_checkpoints().await.unwrap().into_iter().map(|c| c.id).collect();
-        assert_eq!(ids, [cp.id.clone()]);
+        let ids: Vec<_> = h
+            .list_checkpoints()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, vec![cp.id.clone()]);
         // After a restore the workspace is a new directory: commands must still be able to write.
         let ran = run(h, sh("echo after > after.txt && cat after.txt")).await;
         assert_eq!(ran.stdout, "after\n", "{mode}: {ran:?}");
@@ -196,7 +222,10 @@ async fn an_unavailable_isolation_mode_is_refused_at_create() {
                 sb.handle.stop(StopMode::Delete).await.unwrap();
             }
             Err(e) => {
-                assert!(!offered.contains(&mode), "{mode} is offered but create failed: {e}");
+                assert!(
+                    !offered.contains(&mode),
+                    "{mode} is offered but create failed: {e}"
+                );
                 assert_eq!(e.code(), "sandbox_local_isolation_unavailable");
             }
         }

@@ -17,10 +17,20 @@ const SYSTEM_DIRS: &[&str] = &[
 /// Finds `bwrap` and checks it can really create the namespaces we use: user namespaces may
 /// be disabled even where the binary is installed.
 pub(crate) fn detect() -> Result<PathBuf, String> {
-    let bwrap = find_bwrap().ok_or_else(|| "bwrap is not installed (package bubblewrap)".to_string())?;
+    let bwrap =
+        find_bwrap().ok_or_else(|| "bwrap is not installed (package bubblewrap)".to_string())?;
     let out = std::process::Command::new(&bwrap)
         .args(namespace_args(false))
-        .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "/bin/true"])
+        .args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "/bin/true",
+        ])
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -24,7 +24,13 @@ use super::Launch;
 const TESTED_ABI: ABI = ABI::V6;
 
 /// Character devices a command may write to.
-const WRITABLE_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+const WRITABLE_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
 
 /// The kernel's Landlock ABI version (`landlock_create_ruleset(NULL, 0, VERSION)`).
 pub(crate) fn detect() -> std::result::Result<i32, String> {
@@ -42,7 +48,9 @@ pub(crate) fn detect() -> std::result::Result<i32, String> {
     } else {
         let err = std::io::Error::last_os_error();
         Err(match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => "Landlock is built into the kernel but not enabled at boot".into(),
+            Some(libc::EOPNOTSUPP) => {
+                "Landlock is built into the kernel but not enabled at boot".into()
+            }
             Some(libc::ENOSYS) => "the kernel has no Landlock support".into(),
             _ => format!("Landlock version query failed: {err}"),
         })
@@ -53,7 +61,10 @@ pub(crate) fn detect() -> std::result::Result<i32, String> {
 /// the private tmp, writes to a few harmless devices.
 pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Result<Arc<OwnedFd>> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
-        Error::provider(crate::LOCAL, format!("cannot build the Landlock ruleset ({what}): {e}"))
+        Error::provider(
+            crate::LOCAL,
+            format!("cannot build the Landlock ruleset ({what}): {e}"),
+        )
     };
     let mut attr = Ruleset::default()
         .handle_access(AccessFs::from_all(TESTED_ABI))
@@ -69,11 +80,20 @@ pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Re
     let mut created = attr
         .create()
         .map_err(|e| fail("create", &e))?
-        .add_rule(PathBeneath::new(path_fd(Path::new("/"))?, AccessFs::from_read(TESTED_ABI)))
+        .add_rule(PathBeneath::new(
+            path_fd(Path::new("/"))?,
+            AccessFs::from_read(TESTED_ABI),
+        ))
         .map_err(|e| fail("/", &e))?
-        .add_rule(PathBeneath::new(path_fd(workspace)?, AccessFs::from_all(TESTED_ABI)))
+        .add_rule(PathBeneath::new(
+            path_fd(workspace)?,
+            AccessFs::from_all(TESTED_ABI),
+        ))
         .map_err(|e| fail("workspace", &e))?
-        .add_rule(PathBeneath::new(path_fd(private_tmp)?, AccessFs::from_all(TESTED_ABI)))
+        .add_rule(PathBeneath::new(
+            path_fd(private_tmp)?,
+            AccessFs::from_all(TESTED_ABI),
+        ))
         .map_err(|e| fail("tmp", &e))?;
     for dev in WRITABLE_DEVICES {
         if let Ok(fd) = PathFd::new(dev) {

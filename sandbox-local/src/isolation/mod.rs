@@ -147,7 +147,10 @@ impl Availability {
                             "no isolation available: commands run unconfined as the calling user \
                              (bwrap: {}; landlock: {})",
                             self.bwrap.as_ref().err().map_or("ok", String::as_str),
-                            self.landlock_abi.as_ref().err().map_or("ok", String::as_str),
+                            self.landlock_abi
+                                .as_ref()
+                                .err()
+                                .map_or("ok", String::as_str),
                         )),
                     ))
                 }
@@ -234,7 +237,10 @@ mod tests {
 
     #[test]
     fn auto_picks_the_strongest_mode_offered() {
-        assert_eq!(avail(true, true).choose(IsolationMode::Auto).unwrap().0, Isolation::Bwrap);
+        assert_eq!(
+            avail(true, true).choose(IsolationMode::Auto).unwrap().0,
+            Isolation::Bwrap
+        );
         assert_eq!(
             avail(false, true).choose(IsolationMode::Auto).unwrap().0,
             Isolation::Landlock
@@ -251,7 +257,9 @@ mod tests {
         let e = avail(false, true).choose(IsolationMode::Bwrap).unwrap_err();
         assert_eq!(e.code(), "sandbox_local_isolation_unavailable");
         assert!(e.to_string().contains("not installed"));
-        let e = avail(true, false).choose(IsolationMode::Landlock).unwrap_err();
+        let e = avail(true, false)
+            .choose(IsolationMode::Landlock)
+            .unwrap_err();
         assert_eq!(e.code(), "sandbox_local_isolation_unavailable");
         let (mode, warning) = avail(true, true).choose(IsolationMode::None).unwrap();
         assert_eq!((mode, warning), (Isolation::None, None));
@@ -259,9 +267,18 @@ mod tests {
 
     #[test]
     fn mode_names_parse_case_insensitively() {
-        assert_eq!("BWRAP".parse::<IsolationMode>().unwrap(), IsolationMode::Bwrap);
-        assert_eq!("bubblewrap".parse::<IsolationMode>().unwrap(), IsolationMode::Bwrap);
-        assert_eq!(" auto ".parse::<IsolationMode>().unwrap(), IsolationMode::Auto);
+        assert_eq!(
+            "BWRAP".parse::<IsolationMode>().unwrap(),
+            IsolationMode::Bwrap
+        );
+        assert_eq!(
+            "bubblewrap".parse::<IsolationMode>().unwrap(),
+            IsolationMode::Bwrap
+        );
+        assert_eq!(
+            " auto ".parse::<IsolationMode>().unwrap(),
+            IsolationMode::Auto
+        );
         assert_eq!(
             "docker".parse::<IsolationMode>().unwrap_err().code(),
             "sandbox_local_isolation_invalid"
@@ -275,7 +292,12 @@ mod tests {
         let id = |p: &Path| p.to_path_buf();
         assert!(program_exists("sh", &env, Path::new("/"), id));
         assert!(program_exists("/bin/sh", &env, Path::new("/"), id));
-        assert!(!program_exists("no-such-program-xyz", &env, Path::new("/"), id));
+        assert!(!program_exists(
+            "no-such-program-xyz",
+            &env,
+            Path::new("/"),
+            id
+        ));
         assert!(!program_exists("./no-such", &env, Path::new("/"), id));
     }
 }

@@ -54,7 +54,11 @@ pub fn root() -> tempfile::TempDir {
 
 /// Config JSON with `"local": {"isolation": <mode>, ...extra}` merged in.
 pub fn config(mode: Isolation, extra: &str) -> SandboxConfig {
-    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
     SandboxConfig::from_json(&format!(r#"{{"local": {{"isolation": "{mode}"}}{extra}}}"#)).unwrap()
 }
 
@@ -140,7 +144,10 @@ pub fn alive(pid: i32) -> bool {
 pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
