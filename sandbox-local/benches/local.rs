@@ -124,7 +124,10 @@ async fn bench_exec_overhead(root: &std::path::Path, modes: &[Isolation], iters:
 }
 
 async fn bench_throughput(root: &std::path::Path, modes: &[Isolation], bytes: u64) {
-    println!("## output throughput: {} MiB of stdout, best of 3", bytes >> 20);
+    println!(
+        "## output throughput: {} MiB of stdout, best of 3",
+        bytes >> 20
+    );
     let p = provider(root);
     for mode in modes {
         let sb = create(&p, mode_config(*mode)).await;

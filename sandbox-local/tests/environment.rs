@@ -1,0 +1,56 @@
+//! The caller's environment does not reach sandboxed commands: they get the minimal base
+//! (`HOME` = the workspace, `LANG`, `PATH`, `TERM`, `TMPDIR`) plus what the request passes.
+//! A test binary of its own, because it sets a variable in the test process.
+
+mod common;
+
+use common::run;
+use sandbox_core::{ExecRequest, StopMode};
+use sandbox_local::Isolation;
+
+#[tokio::test]
+async fn a_secret_in_the_callers_environment_is_not_visible_inside() {
+    // The only test of this binary: nothing else reads the environment concurrently.
+    std::env::set_var("SANDBOX_LOCAL_TEST_SECRET", "hunter2-do-not-leak");
+    for mode in common::modes(&Isolation::ALL).await {
+        let (_root, _p, sb) = common::sandbox(mode, "").await;
+        let ran = run(sb.handle.as_ref(), ExecRequest::new(["env"])).await;
+        assert!(ran.exit.success(), "{mode}: {ran:?}");
+        assert!(
+            !ran.stdout.contains("hunter2"),
+            "{mode}: secret leaked: {}",
+            ran.stdout
+        );
+        let keys: Vec<&str> = ran
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_")
+            .collect();
+        assert_eq!(
+            keys,
+            ["HOME", "LANG", "PATH", "TERM", "TMPDIR"],
+            "{mode}: base env"
+        );
+        assert!(
+            ran.stdout
+                .contains(&format!("HOME={}\n", sb.handle.workspace())),
+            "{mode}: HOME is not the workspace: {}",
+            ran.stdout
+        );
+        sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn request_variables_override_the_base_environment() {
+    for mode in common::modes(&Isolation::ALL).await {
+        let (_root, _p, sb) = common::sandbox(mode, "").await;
+        let req = ExecRequest::new(["/bin/sh", "-c", "printf '%s|%s' \"$PATH\" \"$GREETING\""])
+            .env("PATH", "/usr/bin:/bin")
+            .env("GREETING", "hello world");
+        let ran = run(sb.handle.as_ref(), req).await;
+        assert_eq!(ran.stdout, "/usr/bin:/bin|hello world", "{mode}: {ran:?}");
+        sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+}
