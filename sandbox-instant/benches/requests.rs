@@ -4,7 +4,7 @@
 //!
 //! `cargo bench -p sandbox-instant --bench requests`
 
-#[path = "../tests/common.rs"]
+#[path = "../tests/support/common.rs"]
 mod common;
 #[path = "../tests/support/run.rs"]
 mod run;
@@ -19,7 +19,12 @@ struct Figures {
     wall: Duration,
 }
 
-async fn measure(emu: &InstantEmulator, chunks: usize, batched: bool, latency: Duration) -> Figures {
+async fn measure(
+    emu: &InstantEmulator,
+    chunks: usize,
+    batched: bool,
+    latency: Duration,
+) -> Figures {
     let mut cfg = common::config(emu);
     if !batched {
         cfg.batch_bytes = 0;
@@ -34,27 +39,53 @@ async fn measure(emu: &InstantEmulator, chunks: usize, batched: bool, latency: D
     emu.set_latency(Duration::ZERO);
     assert_eq!(outcome.status, sandbox_core::ProcessStatus::Exited);
     let reqs = emu.requests();
-    let appends = reqs.iter().filter(|r| r.ops.iter().any(|o| o == "append-stream")).count();
-    Figures { total: reqs.len(), appends, wall }
+    let appends = reqs
+        .iter()
+        .filter(|r| r.ops.iter().any(|o| o == "append-stream"))
+        .count();
+    Figures {
+        total: reqs.len(),
+        appends,
+        wall,
+    }
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let emu = common::emulator().await;
-        println!("one recorded process run (status + N stdout chunks + exit), requests to the emulator:");
-        println!("{:>7} {:>22} {:>22} {:>8}", "chunks", "batched total/appends", "baseline total/appends", "ratio");
+        println!(
+            "one recorded process run (status + N stdout chunks + exit), requests to the emulator:"
+        );
+        println!(
+            "{:>7} {:>22} {:>22} {:>8}",
+            "chunks", "batched total/appends", "baseline total/appends", "ratio"
+        );
         for n in [10, 1_000, 10_000] {
             let b = measure(&emu, n, true, Duration::ZERO).await;
             let u = measure(&emu, n, false, Duration::ZERO).await;
             println!(
                 "{n:>7} {:>14}/{:<7} {:>14}/{:<7} {:>7.3}",
-                b.total, b.appends, u.total, u.appends, b.total as f64 / u.total as f64
+                b.total,
+                b.appends,
+                u.total,
+                u.appends,
+                b.total as f64 / u.total as f64
             );
         }
         let latency = Duration::from_millis(20);
-        println!("\nwall time with {} ms latency per request:", latency.as_millis());
-        println!("{:>7} {:>12} {:>12} {:>8}", "chunks", "batched", "baseline", "ratio");
+        println!(
+            "\nwall time with {} ms latency per request:",
+            latency.as_millis()
+        );
+        println!(
+            "{:>7} {:>12} {:>12} {:>8}",
+            "chunks", "batched", "baseline", "ratio"
+        );
         for n in [10, 200] {
             let b = measure(&emu, n, true, latency).await;
             let u = measure(&emu, n, false, latency).await;

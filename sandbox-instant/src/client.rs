@@ -45,12 +45,23 @@ impl InstantClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| sandbox_core::Error::store(crate::INSTANT, format!("cannot build the HTTP client: {e}")))?;
-        Ok(InstantClient { http, config: Arc::new(config) })
+            .map_err(|e| {
+                sandbox_core::Error::store(
+                    crate::INSTANT,
+                    format!("cannot build the HTTP client: {e}"),
+                )
+            })?;
+        Ok(InstantClient {
+            http,
+            config: Arc::new(config),
+        })
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}?app_id={}", self.config.api_uri, self.config.app_id)
+        format!(
+            "{}{path}?app_id={}",
+            self.config.api_uri, self.config.app_id
+        )
     }
 
     fn admin(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -84,9 +95,15 @@ impl InstantClient {
         self.config
             .retry
             .run(Idempotency::Idempotent, || async {
-                let v = self.post_json("/admin/query", &body).await.map_err(|e| e.into_core(&Op::Query))?;
+                let v = self
+                    .post_json("/admin/query", &body)
+                    .await
+                    .map_err(|e| e.into_core(&Op::Query))?;
                 if !v.is_object() {
-                    return Err(InstantError::Malformed("query result is not an object".into()).into_core(&Op::Query));
+                    return Err(
+                        InstantError::Malformed("query result is not an object".into())
+                            .into_core(&Op::Query),
+                    );
                 }
                 Ok(v)
             })
@@ -100,9 +117,13 @@ impl InstantClient {
         self.config
             .retry
             .run(Idempotency::NonIdempotent, || async {
-                let v = self.post_json("/admin/transact", &body).await.map_err(|e| e.into_core(&op))?;
+                let v = self
+                    .post_json("/admin/transact", &body)
+                    .await
+                    .map_err(|e| e.into_core(&op))?;
                 v.get("tx-id").and_then(Value::as_u64).ok_or_else(|| {
-                    InstantError::Malformed(format!("transact answer without tx-id: {v}")).into_core(&op)
+                    InstantError::Malformed(format!("transact answer without tx-id: {v}"))
+                        .into_core(&op)
                 })
             })
             .await

@@ -75,10 +75,16 @@ impl InstantConfig {
                 format!("{ENV_API_URI} {api_uri:?} is not a URL: {e}"),
             )
         })?;
-        if !matches!(parsed.scheme(), "http" | "https") || !parsed.username().is_empty() || parsed.password().is_some() {
+        if !matches!(parsed.scheme(), "http" | "https")
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+        {
             return Err(Error::invalid(
                 "instant_api_uri_invalid",
-                format!("{ENV_API_URI} must be an http(s) URL without credentials, got scheme {:?}", parsed.scheme()),
+                format!(
+                    "{ENV_API_URI} must be an http(s) URL without credentials, got scheme {:?}",
+                    parsed.scheme()
+                ),
             ));
         }
         Ok(InstantConfig {
@@ -98,7 +104,9 @@ impl InstantConfig {
     /// # Errors
     /// Unauthorized naming the missing variable; invalid input for a bad URI.
     pub fn from_env(env: &Env) -> Result<Self> {
-        let app_id = env.first(&[ENV_APP_ID]).ok_or_else(|| missing(ENV_APP_ID))?;
+        let app_id = env
+            .first(&[ENV_APP_ID])
+            .ok_or_else(|| missing(ENV_APP_ID))?;
         let token = env
             .first(&[ENV_ADMIN_TOKEN])
             .ok_or_else(|| missing(ENV_ADMIN_TOKEN))?;
@@ -165,7 +173,10 @@ impl InstantConfig {
 
 fn bad_url(why: &str) -> Error {
     // The URL itself is not echoed: it might hold a secret by mistake.
-    Error::invalid("instant_store_url_invalid", format!("invalid instant store URL: {why}"))
+    Error::invalid(
+        "instant_store_url_invalid",
+        format!("invalid instant store URL: {why}"),
+    )
 }
 
 #[cfg(test)]
@@ -195,14 +206,20 @@ mod tests {
             (ENV_ADMIN_TOKEN, TOKEN),
             (ENV_API_URI, "http://127.0.0.1:9/"),
         ]);
-        assert_eq!(InstantConfig::from_env(&env).unwrap().api_uri, "http://127.0.0.1:9");
+        assert_eq!(
+            InstantConfig::from_env(&env).unwrap().api_uri,
+            "http://127.0.0.1:9"
+        );
     }
 
     #[test]
     fn url_names_app_and_host_but_never_the_token() {
         let env = Env::from_pairs([(ENV_ADMIN_TOKEN, TOKEN)]);
         let c = InstantConfig::from_url("instant://app-2@127.0.0.1:4000", &env).unwrap();
-        assert_eq!((c.app_id.as_str(), c.api_uri.as_str()), ("app-2", "http://127.0.0.1:4000"));
+        assert_eq!(
+            (c.app_id.as_str(), c.api_uri.as_str()),
+            ("app-2", "http://127.0.0.1:4000")
+        );
         let c = InstantConfig::from_url("instant://app-2@api.instantdb.com", &env).unwrap();
         assert_eq!(c.api_uri, "https://api.instantdb.com");
         let e = InstantConfig::from_url(&format!("instant://app:{TOKEN}@h"), &env).unwrap_err();
@@ -217,7 +234,14 @@ mod tests {
         assert!(e.to_string().contains(ENV_ADMIN_TOKEN));
         let e = InstantConfig::from_env(&Env::from_pairs([(ENV_ADMIN_TOKEN, TOKEN)])).unwrap_err();
         assert!(e.to_string().contains(ENV_APP_ID));
-        let env = Env::from_pairs([(ENV_APP_ID, "a"), (ENV_ADMIN_TOKEN, TOKEN), (ENV_API_URI, "ftp://x")]);
-        assert_eq!(InstantConfig::from_env(&env).unwrap_err().code(), "instant_api_uri_invalid");
+        let env = Env::from_pairs([
+            (ENV_APP_ID, "a"),
+            (ENV_ADMIN_TOKEN, TOKEN),
+            (ENV_API_URI, "ftp://x"),
+        ]);
+        assert_eq!(
+            InstantConfig::from_env(&env).unwrap_err().code(),
+            "instant_api_uri_invalid"
+        );
     }
 }

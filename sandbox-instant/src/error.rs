@@ -20,7 +20,11 @@ pub(crate) enum InstantError {
         retry_after: Option<Duration>,
     },
     /// The request did not complete.
-    Transport { connect: bool, timeout: bool, message: String },
+    Transport {
+        connect: bool,
+        timeout: bool,
+        message: String,
+    },
     /// A 200 answer whose body is not what the protocol says.
     Malformed(String),
     /// An `error` message on the SSE channel.
@@ -71,7 +75,12 @@ impl InstantError {
     pub(crate) fn into_core(self, op: &Op) -> Error {
         let ctx = op.describe();
         match self {
-            InstantError::Http { status, kind, message, retry_after } => {
+            InstantError::Http {
+                status,
+                kind,
+                message,
+                retry_after,
+            } => {
                 let kind_s = kind.as_deref().unwrap_or("");
                 let lower = message.to_ascii_lowercase();
                 match (status, kind_s) {
@@ -105,9 +114,16 @@ impl InstantError {
                     _ => store(status, kind_s, &message, &ctx),
                 }
             }
-            InstantError::Transport { connect, timeout, message } => {
+            InstantError::Transport {
+                connect,
+                timeout,
+                message,
+            } => {
                 if timeout {
-                    Error::Timeout { operation: format!("{INSTANT} {ctx}"), elapsed: Duration::ZERO }
+                    Error::Timeout {
+                        operation: format!("{INSTANT} {ctx}"),
+                        elapsed: Duration::ZERO,
+                    }
                 } else if connect {
                     Error::Transient {
                         provider: INSTANT.into(),
@@ -145,7 +161,11 @@ impl InstantError {
 }
 
 fn store(status: u16, kind: &str, message: &str, ctx: &str) -> Error {
-    let kind = if kind.is_empty() { String::new() } else { format!(" {kind}") };
+    let kind = if kind.is_empty() {
+        String::new()
+    } else {
+        format!(" {kind}")
+    };
     Error::Store {
         store: INSTANT.into(),
         message: format!("HTTP {status}{kind} during {ctx}: {message}"),
@@ -166,10 +186,22 @@ pub(crate) fn from_body(status: u16, body: &[u8], retry_after: Option<Duration>)
         _ => {
             let text = String::from_utf8_lossy(body);
             let text: String = text.trim().chars().take(300).collect();
-            (None, if text.is_empty() { "(empty body)".into() } else { text })
+            (
+                None,
+                if text.is_empty() {
+                    "(empty body)".into()
+                } else {
+                    text
+                },
+            )
         }
     };
-    InstantError::Http { status, kind, message, retry_after }
+    InstantError::Http {
+        status,
+        kind,
+        message,
+        retry_after,
+    }
 }
 
 #[cfg(test)]
@@ -178,18 +210,30 @@ mod tests {
 
     #[test]
     fn insert_conflicts_and_patch_misses_are_typed() {
-        let e = from_body(400, br#"{"type":"validation-failed","message":"Creating entities that exist: x"}"#, None)
-            .into_core(&Op::Insert(Missing::Process, "p".into()));
+        let e = from_body(
+            400,
+            br#"{"type":"validation-failed","message":"Creating entities that exist: x"}"#,
+            None,
+        )
+        .into_core(&Op::Insert(Missing::Process, "p".into()));
         assert_eq!(e.code(), "sandbox_process_exists");
-        let e = from_body(400, br#"{"type":"validation-failed","message":"Updating entities that don't exist"}"#, None)
-            .into_core(&Op::Patch(Missing::Sandbox, "s".into()));
+        let e = from_body(
+            400,
+            br#"{"type":"validation-failed","message":"Updating entities that don't exist"}"#,
+            None,
+        )
+        .into_core(&Op::Patch(Missing::Sandbox, "s".into()));
         assert_eq!(e.code(), "sandbox_not_found");
     }
 
     #[test]
     fn statuses_and_bodies_map_to_categories() {
-        let e = from_body(400, br#"{"type":"record-not-found","message":"Record not found: app-admin-token"}"#, None)
-            .into_core(&Op::Query);
+        let e = from_body(
+            400,
+            br#"{"type":"record-not-found","message":"Record not found: app-admin-token"}"#,
+            None,
+        )
+        .into_core(&Op::Query);
         assert_eq!(e.code(), "unauthorized");
         let e = from_body(429, b"{}", Some(Duration::from_secs(2))).into_core(&Op::Query);
         assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));

@@ -90,7 +90,12 @@ pub struct LinkDef {
 }
 
 const fn a(name: &'static str, value_type: ValueType, required: bool, indexed: bool) -> AttrDef {
-    AttrDef { name, value_type, required, indexed }
+    AttrDef {
+        name,
+        value_type,
+        required,
+        indexed,
+    }
 }
 
 use ValueType::{Json, Number, String as Str};
@@ -151,18 +156,42 @@ pub const ENTITIES: &[EntityDef] = &[SANDBOXES, PROCESSES];
 pub const LINKS: &[LinkDef] = &[
     LinkDef {
         name: "sandbox_user",
-        forward: LinkSide { on: "sandbox_sandboxes", has: "one", label: "user" },
-        reverse: LinkSide { on: "$users", has: "many", label: "sandboxes" },
+        forward: LinkSide {
+            on: "sandbox_sandboxes",
+            has: "one",
+            label: "user",
+        },
+        reverse: LinkSide {
+            on: "$users",
+            has: "many",
+            label: "sandboxes",
+        },
     },
     LinkDef {
         name: "sandboxProcessSandbox",
-        forward: LinkSide { on: "sandbox_processes", has: "one", label: "sandbox" },
-        reverse: LinkSide { on: "sandbox_sandboxes", has: "many", label: "processes" },
+        forward: LinkSide {
+            on: "sandbox_processes",
+            has: "one",
+            label: "sandbox",
+        },
+        reverse: LinkSide {
+            on: "sandbox_sandboxes",
+            has: "many",
+            label: "processes",
+        },
     },
     LinkDef {
         name: "sandboxProcessStream",
-        forward: LinkSide { on: "sandbox_processes", has: "one", label: "stream" },
-        reverse: LinkSide { on: "$streams", has: "many", label: "sandboxProcesses" },
+        forward: LinkSide {
+            on: "sandbox_processes",
+            has: "one",
+            label: "stream",
+        },
+        reverse: LinkSide {
+            on: "$streams",
+            has: "many",
+            label: "sandboxProcesses",
+        },
     },
 ];
 
@@ -212,9 +241,21 @@ mod tests {
         assert_eq!(p["exitCode"]["valueType"], "number");
         assert_eq!(p["exitCode"]["config"]["indexed"], true);
         assert_eq!(p["command"]["required"], true);
-        assert_eq!(s["entities"]["sandbox_sandboxes"]["attrs"].as_object().unwrap().len(), 15);
+        assert_eq!(
+            s["entities"]["sandbox_sandboxes"]["attrs"]
+                .as_object()
+                .unwrap()
+                .len(),
+            15
+        );
         assert_eq!(p.as_object().unwrap().len(), 20);
-        assert_eq!(s["links"]["sandboxProcessStream"]["reverse"]["on"], "$streams");
-        assert_eq!(s["links"]["sandboxProcessSandbox"]["forward"]["label"], "sandbox");
+        assert_eq!(
+            s["links"]["sandboxProcessStream"]["reverse"]["on"],
+            "$streams"
+        );
+        assert_eq!(
+            s["links"]["sandboxProcessSandbox"]["forward"]["label"],
+            "sandbox"
+        );
     }
 }

@@ -77,11 +77,14 @@ impl SseParser {
                     match serde_json::from_str::<Value>(&text) {
                         Ok(Value::Array(a)) => out.extend(a),
                         Ok(v) => out.push(v),
-                        Err(e) => tracing::warn!(error = %e, "instant: SSE event is not JSON; ignored"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "instant: SSE event is not JSON; ignored")
+                        }
                     }
                 }
             } else if let Some(rest) = line.strip_prefix("data:") {
-                self.data.push(rest.strip_prefix(' ').unwrap_or(rest).to_string());
+                self.data
+                    .push(rest.strip_prefix(' ').unwrap_or(rest).to_string());
             }
             // `:` comments, `retry:`, `event:` and `id:` lines carry nothing we use.
         }
@@ -109,17 +112,27 @@ impl Session {
                             }
                         }
                     }
-                    Some(Err(e)) => return Err(InstantError::SessionLost(format!("SSE stream failed: {e}"))),
-                    None => return Err(InstantError::SessionLost("SSE stream ended before sse-init".into())),
+                    Some(Err(e)) => {
+                        return Err(InstantError::SessionLost(format!("SSE stream failed: {e}")))
+                    }
+                    None => {
+                        return Err(InstantError::SessionLost(
+                            "SSE stream ended before sse-init".into(),
+                        ))
+                    }
                 }
             }
         })
         .await
-        .map_err(|_| InstantError::NoAnswer { waited: timeout, what: "sse-init".into() })??;
+        .map_err(|_| InstantError::NoAnswer {
+            waited: timeout,
+            what: "sse-init".into(),
+        })??;
         let field = |k: &str| {
-            init.get(k).and_then(Value::as_str).map(String::from).ok_or_else(|| {
-                InstantError::Malformed(format!("sse-init without {k}"))
-            })
+            init.get(k)
+                .and_then(Value::as_str)
+                .map(String::from)
+                .ok_or_else(|| InstantError::Malformed(format!("sse-init without {k}")))
         };
         let session = Arc::new(Session {
             client: client.clone(),
@@ -199,7 +212,9 @@ impl Session {
                         Some(tx) => {
                             let _ = tx.send(m.clone());
                         }
-                        None => tracing::warn!(message = %m["message"], "instant: unrouted error on the stream channel"),
+                        None => {
+                            tracing::warn!(message = %m["message"], "instant: unrouted error on the stream channel")
+                        }
                     }
                 }
             }
@@ -226,7 +241,11 @@ impl Session {
     }
 
     /// Sends one message and waits for the reply with the same `client-event-id`.
-    pub(crate) async fn request(&self, mut msg: Value, timeout: Duration) -> Result<Value, InstantError> {
+    pub(crate) async fn request(
+        &self,
+        mut msg: Value,
+        timeout: Duration,
+    ) -> Result<Value, InstantError> {
         let event = uuid::Uuid::new_v4().to_string();
         msg["client-event-id"] = json!(event);
         let (tx, rx) = oneshot::channel();
@@ -237,10 +256,15 @@ impl Session {
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(InstantError::SessionLost("the session ended before the reply".into())),
+            Ok(Err(_)) => Err(InstantError::SessionLost(
+                "the session ended before the reply".into(),
+            )),
             Err(_) => {
                 lock(&self.routes).pending.remove(&event);
-                Err(InstantError::NoAnswer { waited: timeout, what: "the server's reply".into() })
+                Err(InstantError::NoAnswer {
+                    waited: timeout,
+                    what: "the server's reply".into(),
+                })
             }
         }
     }
@@ -268,7 +292,8 @@ impl Session {
         let event = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.routes).subs.insert(event.clone(), tx);
-        let mut msg = json!({"client-event-id": event, "op": "subscribe-stream", "client-id": client_id});
+        let mut msg =
+            json!({"client-event-id": event, "op": "subscribe-stream", "client-id": client_id});
         if offset > 0 {
             msg["offset"] = json!(offset);
         }
@@ -302,7 +327,10 @@ mod tests {
         let mut p = SseParser::default();
         let mut got = p.feed(b"retry: 1000\n: keep-alive\n\ndata:{\"op\":\"a\"}\n\nda");
         got.extend(p.feed(b"ta: [{\"op\":\"b\"},{\"op\":\"c\"}]\r\n\r\n"));
-        let ops: Vec<_> = got.iter().map(|m| m["op"].as_str().unwrap().to_string()).collect();
+        let ops: Vec<_> = got
+            .iter()
+            .map(|m| m["op"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(ops, ["a", "b", "c"]);
     }
 }

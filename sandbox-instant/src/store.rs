@@ -39,7 +39,11 @@ pub(crate) fn attributes<T: Serialize>(record: &T) -> Map<String, Value> {
 }
 
 fn decode<T: DeserializeOwned>(ns: &str, row: Value) -> Result<T> {
-    let id = row.get("id").and_then(Value::as_str).unwrap_or("?").to_string();
+    let id = row
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string();
     serde_json::from_value(row).map_err(|e| {
         Error::protocol(
             "instant_record_invalid",
@@ -84,20 +88,32 @@ fn process_from_row(mut row: Value) -> Result<ProcessRecord> {
     decode(PROCESSES.name, row)
 }
 
-const OPEN_STATUSES: [ProcessStatus; 3] =
-    [ProcessStatus::Starting, ProcessStatus::Running, ProcessStatus::Detached];
+const OPEN_STATUSES: [ProcessStatus; 3] = [
+    ProcessStatus::Starting,
+    ProcessStatus::Running,
+    ProcessStatus::Detached,
+];
 
 impl InstantStore {
     pub(crate) fn new(client: InstantClient) -> Self {
-        InstantStore { client, known_sandboxes: Mutex::new(HashSet::new()) }
+        InstantStore {
+            client,
+            known_sandboxes: Mutex::new(HashSet::new()),
+        }
     }
 
     fn note_sandbox(&self, id: SandboxId) {
-        self.known_sandboxes.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        self.known_sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
     }
 
     fn is_known(&self, id: &SandboxId) -> bool {
-        self.known_sandboxes.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+        self.known_sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 
     /// Rows of `ns` matching `where_`, ordered by `order_attr` then id, at most `limit`.
@@ -124,7 +140,14 @@ impl InstantStore {
             if found.len() == n {
                 let tie = last.get(order_attr).cloned().unwrap_or(Value::Null);
                 let mut w = where_.clone();
-                w.insert(order_attr.into(), if tie.is_null() { json!({"$isNull": true}) } else { tie });
+                w.insert(
+                    order_attr.into(),
+                    if tie.is_null() {
+                        json!({"$isNull": true})
+                    } else {
+                        tie
+                    },
+                );
                 q.insert("$".into(), json!({"where": w}));
                 let more = self.client.query(json!({ ns: q })).await?;
                 for r in rows(&more, ns)? {
@@ -136,8 +159,13 @@ impl InstantStore {
         }
         let key = |v: &Value| {
             (
-                v.get(order_attr).and_then(Value::as_i64).unwrap_or(i64::MIN),
-                v.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+                v.get(order_attr)
+                    .and_then(Value::as_i64)
+                    .unwrap_or(i64::MIN),
+                v.get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
             )
         };
         found.sort_by_key(key);
@@ -159,23 +187,37 @@ impl RecordStore for InstantStore {
     }
 
     async fn insert_sandbox(&self, record: &SandboxRecord) -> Result<()> {
-        let step = json!(["create", SANDBOXES.name, record.id.to_string(), attributes(record)]);
+        let step = json!([
+            "create",
+            SANDBOXES.name,
+            record.id.to_string(),
+            attributes(record)
+        ]);
         self.client
-            .transact(vec![step], Op::Insert(Missing::Sandbox, record.id.to_string()))
+            .transact(
+                vec![step],
+                Op::Insert(Missing::Sandbox, record.id.to_string()),
+            )
             .await?;
         self.note_sandbox(record.id);
         Ok(())
     }
 
     async fn patch_sandbox(&self, id: &SandboxId, patch: &SandboxPatch) -> Result<()> {
-        let step = json!(["update", SANDBOXES.name, id.to_string(), attributes(patch), {"upsert": false}]);
-        self.client.transact(vec![step], Op::Patch(Missing::Sandbox, id.to_string())).await?;
+        let step =
+            json!(["update", SANDBOXES.name, id.to_string(), attributes(patch), {"upsert": false}]);
+        self.client
+            .transact(vec![step], Op::Patch(Missing::Sandbox, id.to_string()))
+            .await?;
         self.note_sandbox(*id);
         Ok(())
     }
 
     async fn get_sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>> {
-        let r = self.client.query(json!({ SANDBOXES.name: by_id(id) })).await?;
+        let r = self
+            .client
+            .query(json!({ SANDBOXES.name: by_id(id) }))
+            .await?;
         let Some(row) = rows(&r, SANDBOXES.name)?.into_iter().next() else {
             return Ok(None);
         };
@@ -214,7 +256,10 @@ impl RecordStore for InstantStore {
                 .query(json!({ SANDBOXES.name: {"$": {"where": {"id": record.sandbox_id.to_string()}, "fields": ["status"]}} }))
                 .await?;
             if rows(&r, SANDBOXES.name)?.is_empty() {
-                return Err(Error::not_found(Missing::Sandbox, record.sandbox_id.to_string()));
+                return Err(Error::not_found(
+                    Missing::Sandbox,
+                    record.sandbox_id.to_string(),
+                ));
             }
             self.note_sandbox(record.sandbox_id);
         }
@@ -222,24 +267,37 @@ impl RecordStore for InstantStore {
         let mut links = Map::new();
         links.insert("sandbox".into(), json!(record.sandbox_id.to_string()));
         // The `$streams` entity id is the server's stream id, a UUID; anything else is not one.
-        if let Some(sid) = record.stream_id.as_deref().filter(|s| uuid::Uuid::try_parse(s).is_ok()) {
+        if let Some(sid) = record
+            .stream_id
+            .as_deref()
+            .filter(|s| uuid::Uuid::try_parse(s).is_ok())
+        {
             links.insert("stream".into(), json!(sid));
         }
         let steps = vec![
             json!(["create", PROCESSES.name, pid, attributes(record)]),
             json!(["link", PROCESSES.name, pid, links]),
         ];
-        self.client.transact(steps, Op::Insert(Missing::Process, pid.clone())).await?;
+        self.client
+            .transact(steps, Op::Insert(Missing::Process, pid.clone()))
+            .await?;
         Ok(())
     }
 
     async fn patch_process(&self, id: &ProcessId, patch: &ProcessPatch) -> Result<()> {
         let pid = id.to_string();
-        let mut steps = vec![json!(["update", PROCESSES.name, pid, attributes(patch), {"upsert": false}])];
-        if let Some(sid) = patch.stream_id.as_deref().filter(|s| uuid::Uuid::try_parse(s).is_ok()) {
+        let mut steps =
+            vec![json!(["update", PROCESSES.name, pid, attributes(patch), {"upsert": false}])];
+        if let Some(sid) = patch
+            .stream_id
+            .as_deref()
+            .filter(|s| uuid::Uuid::try_parse(s).is_ok())
+        {
             steps.push(json!(["link", PROCESSES.name, pid, {"stream": sid}]));
         }
-        self.client.transact(steps, Op::Patch(Missing::Process, pid)).await?;
+        self.client
+            .transact(steps, Op::Patch(Missing::Process, pid))
+            .await?;
         Ok(())
     }
 

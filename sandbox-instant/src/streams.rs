@@ -68,7 +68,9 @@ impl SinkInner {
             .config
             .retry
             .run(sandbox_core::Idempotency::Idempotent, || async {
-                Session::connect(&self.client).await.map_err(|e| e.into_core(&Op::Stream("session".into())))
+                Session::connect(&self.client)
+                    .await
+                    .map_err(|e| e.into_core(&Op::Stream("session".into())))
             })
             .await?;
         *slot = Some(s.clone());
@@ -76,7 +78,10 @@ impl SinkInner {
     }
 
     fn key(&self, client_id: &str) -> String {
-        format!("{}|{}|{client_id}", self.client.config.api_uri, self.client.config.app_id)
+        format!(
+            "{}|{}|{client_id}",
+            self.client.config.api_uri, self.client.config.app_id
+        )
     }
 }
 
@@ -91,7 +96,10 @@ struct StreamRow {
 impl InstantSink {
     pub(crate) fn new(client: InstantClient) -> Self {
         InstantSink {
-            inner: Arc::new(SinkInner { client, session: tokio::sync::Mutex::new(None) }),
+            inner: Arc::new(SinkInner {
+                client,
+                session: tokio::sync::Mutex::new(None),
+            }),
         }
     }
 
@@ -139,11 +147,16 @@ impl InstantSink {
             let mut msgs = match first {
                 Ok(Some(m)) => vec![m],
                 Ok(None) if attempt < 3 => continue,
-                Ok(None) => return Err(InstantError::SessionLost("while reading".into()).into_core(&op)),
+                Ok(None) => {
+                    return Err(InstantError::SessionLost("while reading".into()).into_core(&op))
+                }
                 Err(_) => {
                     session.unsubscribe(&event).await;
-                    return Err(InstantError::NoAnswer { waited: timeout, what: "the stream's content".into() }
-                        .into_core(&op));
+                    return Err(InstantError::NoAnswer {
+                        waited: timeout,
+                        what: "the stream's content".into(),
+                    }
+                    .into_core(&op));
                 }
             };
             while let Ok(m) = rx.try_recv() {
@@ -182,7 +195,12 @@ struct LineDecoder {
 
 impl LineDecoder {
     fn new(start: u64, align: bool) -> Self {
-        LineDecoder { buf: Vec::new(), buf_start: start, align: align && start > 0, out: Vec::new() }
+        LineDecoder {
+            buf: Vec::new(),
+            buf_start: start,
+            align: align && start > 0,
+            out: Vec::new(),
+        }
     }
 
     /// The next byte offset wanted.
@@ -195,7 +213,9 @@ impl LineDecoder {
         if offset > expected {
             return Err(Error::protocol(
                 "sandbox_process_stream_gap",
-                format!("{INSTANT}: stream bytes from {offset} arrived while {expected} was expected"),
+                format!(
+                    "{INSTANT}: stream bytes from {offset} arrived while {expected} was expected"
+                ),
             ));
         }
         let skip = (expected - offset) as usize;
@@ -212,7 +232,11 @@ impl LineDecoder {
                 .ok()
                 .and_then(|l| ProcessChunk::decode(&l).ok().map(|c| (l, c)));
             match parsed {
-                Some((line, chunk)) => self.out.push(LogEntry { seq: chunk.seq, offset, line }),
+                Some((line, chunk)) => self.out.push(LogEntry {
+                    seq: chunk.seq,
+                    offset,
+                    line,
+                }),
                 // A line cut by the start offset is not a line of ours.
                 None if align => {}
                 None => {
@@ -243,7 +267,10 @@ async fn apply_message(
         return Err(InstantError::Channel { message: msg }.into_core(op));
     }
     if let Some(e) = m.get("error").filter(|e| !e.is_null()) {
-        let msg = e.as_str().map(String::from).unwrap_or_else(|| e.to_string());
+        let msg = e
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| e.to_string());
         return Err(InstantError::Channel { message: msg }.into_core(op));
     }
     if let Some(offset) = m["offset"].as_u64() {
@@ -261,7 +288,9 @@ async fn apply_message(
     }
     if m["done"].as_bool() == Some(true) {
         return Ok(Some(match m["abort-reason"].as_str() {
-            Some(r) => LogState::Aborted { reason: r.to_string() },
+            Some(r) => LogState::Aborted {
+                reason: r.to_string(),
+            },
             None => LogState::Closed,
         }));
     }
@@ -363,7 +392,10 @@ impl WriterCore {
                     if !self.retained.is_char_boundary(cut) {
                         return Err(Error::protocol(
                             "sandbox_process_stream_corrupt",
-                            format!("{INSTANT}: stream {} flushed offset {f} splits a character", self.client_id),
+                            format!(
+                                "{INSTANT}: stream {} flushed offset {f} splits a character",
+                                self.client_id
+                            ),
                         ));
                     }
                     self.retained.drain(..cut);
@@ -383,7 +415,9 @@ impl WriterCore {
                 },
                 Err(e) => e,
             };
-            if !(err.is_retryable() || matches!(err, Error::Timeout { .. })) || attempt >= policy.max_attempts.max(3) {
+            if !(err.is_retryable() || matches!(err, Error::Timeout { .. }))
+                || attempt >= policy.max_attempts.max(3)
+            {
                 return Err(err);
             }
             tokio::time::sleep(policy.backoff(&err, attempt)).await;
@@ -402,7 +436,11 @@ impl WriterCore {
                 return Ok(());
             }
             let from = (self.sent - self.retained_start) as usize;
-            let chunks: Vec<&str> = if from < self.retained.len() { vec![&self.retained[from..]] } else { vec![] };
+            let chunks: Vec<&str> = if from < self.retained.len() {
+                vec![&self.retained[from..]]
+            } else {
+                vec![]
+            };
             let mut msg = json!({
                 "client-event-id": uuid::Uuid::new_v4().to_string(),
                 "op": "append-stream",
@@ -458,12 +496,17 @@ impl WriterCore {
             loop {
                 match tokio::time::timeout_at(deadline, self.events.recv()).await {
                     Err(_) => {
-                        return Err(InstantError::NoAnswer { waited: timeout, what: "stream-flushed".into() }
-                            .into_core(&self.op()))
+                        return Err(InstantError::NoAnswer {
+                            waited: timeout,
+                            what: "stream-flushed".into(),
+                        }
+                        .into_core(&self.op()))
                     }
                     Ok(Some(m)) if m["op"] == "stream-flushed" => {
                         self.on_event(&m);
-                        if m["done"].as_bool() == Some(true) && m["offset"].as_u64() == Some(self.end) {
+                        if m["done"].as_bool() == Some(true)
+                            && m["offset"].as_u64() == Some(self.end)
+                        {
                             self.finished = true;
                             self.session.drop_writer_route(&self.stream_id);
                             return Ok(());
@@ -472,7 +515,8 @@ impl WriterCore {
                     // append-failed, an error, or the session ended: reconnect and resend.
                     Ok(_) => {
                         if rounds >= policy.max_attempts.max(3) {
-                            return Err(InstantError::SessionLost("while closing".into()).into_core(&self.op()));
+                            return Err(InstantError::SessionLost("while closing".into())
+                                .into_core(&self.op()));
                         }
                         self.reconnect().await?;
                         if self.sent == self.end && self.stream_done().await? {
@@ -619,7 +663,14 @@ impl StreamSink for InstantSink {
             if g.contains_key(&key) {
                 return Err(writer_exists(&client_id, "opened before in this process"));
             }
-            g.insert(key.clone(), LocalWriter { alive: Arc::downgrade(&alive), closed: false, orphan: None });
+            g.insert(
+                key.clone(),
+                LocalWriter {
+                    alive: Arc::downgrade(&alive),
+                    closed: false,
+                    orphan: None,
+                },
+            );
         }
         let result = self.start_writer(&client_id).await;
         let (session, stream_id, token) = match result {
@@ -669,8 +720,12 @@ impl StreamSink for InstantSink {
         };
         let snap = self.snapshot(&client_id, start, align).await?;
         let total = snap.entries.last().map_or(0, |e| e.seq);
-        let entries: Vec<LogEntry> =
-            snap.entries.into_iter().filter(|e| from.includes(e)).take(max).collect();
+        let entries: Vec<LogEntry> = snap
+            .entries
+            .into_iter()
+            .filter(|e| from.includes(e))
+            .take(max)
+            .collect();
         let state = snap.state.unwrap_or_else(|| row_state(&row));
         Ok(LogPage {
             entries,
@@ -732,7 +787,10 @@ impl StreamSink for InstantSink {
                 if st.sub.is_none() {
                     let sub = async {
                         let s = st.sink.inner.session().await?;
-                        let (ev, rx) = s.subscribe(&st.client_id, st.dec.expected()).await.map_err(|e| e.into_core(&op))?;
+                        let (ev, rx) = s
+                            .subscribe(&st.client_id, st.dec.expected())
+                            .await
+                            .map_err(|e| e.into_core(&op))?;
                         Ok::<_, Error>((s, ev, rx))
                     }
                     .await;
@@ -754,8 +812,10 @@ impl StreamSink for InstantSink {
                     st.drops += 1;
                     if st.drops > 20 {
                         st.done = true;
-                        let e = InstantError::SessionLost("too many dropped sessions while following".into())
-                            .into_core(&op);
+                        let e = InstantError::SessionLost(
+                            "too many dropped sessions while following".into(),
+                        )
+                        .into_core(&op);
                         return Some((Err(e), st));
                     }
                     continue;
@@ -764,7 +824,8 @@ impl StreamSink for InstantSink {
                 match apply_message(&client, &mut st.dec, &m, &op).await {
                     Ok(end) => {
                         let from = st.from;
-                        st.buffered.extend(st.dec.take().into_iter().filter(|e| from.includes(e)));
+                        st.buffered
+                            .extend(st.dec.take().into_iter().filter(|e| from.includes(e)));
                         if end.is_some() {
                             st.done = true;
                         }
@@ -799,7 +860,8 @@ impl StreamSink for InstantSink {
         let key = self.inner.key(&client_id);
         let local = {
             let g = lock(local_writers());
-            g.get(&key).map(|w| (w.alive.strong_count() > 0, w.closed, w.orphan.clone()))
+            g.get(&key)
+                .map(|w| (w.alive.strong_count() > 0, w.closed, w.orphan.clone()))
         };
         match local {
             Some((true, false, _)) => {
@@ -861,7 +923,10 @@ impl InstantSink {
             attempt += 1;
             let session = self.inner.session().await?;
             let reply = session
-                .request(json!({"op": "start-stream", "client-id": client_id, "reconnect-token": token}), timeout)
+                .request(
+                    json!({"op": "start-stream", "client-id": client_id, "reconnect-token": token}),
+                    timeout,
+                )
                 .await;
             match reply {
                 Ok(r) if r["op"] == "error" => {
@@ -874,7 +939,8 @@ impl InstantSink {
                         return Err(writer_exists(client_id, "the stream already holds data"));
                     }
                     let sid = r["stream-id"].as_str().map(String::from).ok_or_else(|| {
-                        InstantError::Malformed("start-stream-ok without stream-id".into()).into_core(&op)
+                        InstantError::Malformed("start-stream-ok without stream-id".into())
+                            .into_core(&op)
                     })?;
                     return Ok((session, sid, token));
                 }
@@ -895,7 +961,13 @@ mod tests {
     use super::*;
 
     fn line(seq: u64) -> String {
-        let c = ProcessChunk::new(seq, sandbox_core::ChunkType::Stdout, Default::default(), Default::default(), None);
+        let c = ProcessChunk::new(
+            seq,
+            sandbox_core::ChunkType::Stdout,
+            Default::default(),
+            Default::default(),
+            None,
+        );
         c.encode()
     }
 
@@ -911,7 +983,10 @@ mod tests {
         let got = d.take();
         assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(got[1].offset, line(1).len() as u64);
-        assert!(d.feed(b.len() as u64 + 5, b"x").is_err(), "a gap is an error");
+        assert!(
+            d.feed(b.len() as u64 + 5, b"x").is_err(),
+            "a gap is an error"
+        );
     }
 
     #[test]
@@ -923,6 +998,10 @@ mod tests {
         let l1 = line(1).len() as u64;
         let mut d = LineDecoder::new(l1, true);
         d.feed(l1, &all.as_bytes()[l1 as usize..]).unwrap();
-        assert_eq!(d.take().iter().map(|e| e.seq).collect::<Vec<_>>(), [2], "a start at a line start keeps it");
+        assert_eq!(
+            d.take().iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [2],
+            "a start at a line start keeps it"
+        );
     }
 }

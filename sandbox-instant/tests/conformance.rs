@@ -1,5 +1,6 @@
 //! The store and stream conformance suites hold for `instant` through the emulator.
 
+#[path = "support/common.rs"]
 mod common;
 
 use sandbox_instant as _;
@@ -8,20 +9,26 @@ use sandbox_testkit::{store::run_store_suite, stream::run_stream_suite};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instant_store_passes_the_store_suite() {
     let emu = common::emulator().await;
-    run_store_suite(common::backend(&emu).records).await.assert_passed();
+    run_store_suite(common::backend(&emu).records)
+        .await
+        .assert_passed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instant_sink_passes_the_stream_suite() {
     let emu = common::emulator().await;
-    run_stream_suite(common::backend(&emu).logs).await.assert_passed();
+    run_stream_suite(common::backend(&emu).logs)
+        .await
+        .assert_passed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instant_sink_passes_the_stream_suite_when_every_append_is_flushed_to_file_parts() {
     let emu = common::emulator().await;
     emu.set_flush_byte_limit(1);
-    run_stream_suite(common::backend(&emu).logs).await.assert_passed();
+    run_stream_suite(common::backend(&emu).logs)
+        .await
+        .assert_passed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

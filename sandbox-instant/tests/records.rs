@@ -1,12 +1,14 @@
 //! Records on the wire: upstream's attribute names and types, links, partial updates, NUL
 //! stripping, records written the TypeScript way, and failures that become typed errors.
 
+#[path = "support/common.rs"]
 mod common;
 
 use std::time::Duration;
 
 use sandbox_core::{
-    ChunkType, ChunkWriter, ProcessId, ProcessPatch, ProcessStatus, RetryPolicy, SandboxId, SandboxPatch, SandboxStatus,
+    ChunkType, ChunkWriter, ProcessId, ProcessPatch, ProcessStatus, RetryPolicy, SandboxId,
+    SandboxPatch, SandboxStatus,
 };
 use sandbox_instant::schema;
 use sandbox_testkit::instant::InstantEmulator;
@@ -15,7 +17,9 @@ use serde_json::{json, Value};
 
 fn assert_in_schema(emu: &InstantEmulator, ns: &str, id: &str) -> usize {
     let ent = schema::entity(ns).unwrap();
-    let attrs = emu.entity(ns, id).unwrap_or_else(|| panic!("{ns} {id} stored"));
+    let attrs = emu
+        .entity(ns, id)
+        .unwrap_or_else(|| panic!("{ns} {id} stored"));
     for (name, value) in &attrs {
         let def = ent
             .attr(name)
@@ -26,10 +30,18 @@ fn assert_in_schema(emu: &InstantEmulator, ns: &str, id: &str) -> usize {
             def.value_type.as_str()
         );
         let json_def = &schema::schema_json()["entities"][ns]["attrs"][name];
-        assert_eq!(json_def["valueType"], def.value_type.as_str(), "schema JSON agrees on {name}");
+        assert_eq!(
+            json_def["valueType"],
+            def.value_type.as_str(),
+            "schema JSON agrees on {name}"
+        );
     }
     for def in ent.attrs.iter().filter(|a| a.required) {
-        assert!(attrs.contains_key(def.name), "required {ns}.{} is written", def.name);
+        assert!(
+            attrs.contains_key(def.name),
+            "required {ns}.{} is written",
+            def.name
+        );
     }
     attrs.len()
 }
@@ -50,12 +62,21 @@ async fn every_attribute_written_is_in_upstreams_schema_with_its_type_and_record
     shut.shutdown_at = Some(1_700_000_000_400);
     store.insert_process(&process).await.unwrap();
     store
-        .patch_sandbox(&sandbox.id, &SandboxPatch { shutdown_at: shut.shutdown_at, ..Default::default() })
+        .patch_sandbox(
+            &sandbox.id,
+            &SandboxPatch {
+                shutdown_at: shut.shutdown_at,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
 
     let n = assert_in_schema(&emu, "sandbox_sandboxes", &sandbox.id.to_string());
-    assert_eq!(n, 14, "every sandbox attribute but the never-written providerConfig");
+    assert_eq!(
+        n, 14,
+        "every sandbox attribute but the never-written providerConfig"
+    );
     let n = assert_in_schema(&emu, "sandbox_processes", &process.id.to_string());
     assert_eq!(n, 20, "every process attribute");
 
@@ -70,7 +91,9 @@ async fn a_process_and_its_links_are_created_in_one_transact() {
     let sandbox = full_sandbox("local", 1);
     b.records.insert_sandbox(&sandbox).await.unwrap();
     let pid = ProcessId::new();
-    let w = ChunkWriter::open(b.logs.as_ref(), sandbox.id, pid).await.unwrap();
+    let w = ChunkWriter::open(b.logs.as_ref(), sandbox.id, pid)
+        .await
+        .unwrap();
     let mut p = full_process(&sandbox, 2);
     p.id = pid;
     p.stream_id = Some(w.stream_id().to_string());
@@ -88,9 +111,15 @@ async fn a_process_and_its_links_are_created_in_one_transact() {
     assert_eq!(row["sandbox"][0]["id"], sandbox.id.to_string());
     assert_eq!(row["stream"][0]["id"], w.stream_id());
     assert_eq!(row["stream"][0]["clientId"], pid.stream_client_id());
-    assert!(row.get("sandboxId").is_none(), "sandboxId is the link, not an attribute");
+    assert!(
+        row.get("sandboxId").is_none(),
+        "sandboxId is the link, not an attribute"
+    );
     let back = emu.query_direct(json!({"sandbox_sandboxes": {"$": {"where": {"id": sandbox.id.to_string()}}, "processes": {}}}));
-    assert_eq!(back["sandbox_sandboxes"][0]["processes"][0]["id"], pid.to_string());
+    assert_eq!(
+        back["sandbox_sandboxes"][0]["processes"][0]["id"],
+        pid.to_string()
+    );
     w.close().await.unwrap();
 }
 
@@ -115,15 +144,30 @@ async fn patches_are_update_steps_with_only_the_changed_attributes() {
         reqs[0].body["steps"],
         json!([["update", "sandbox_processes", p.id.to_string(), {"status": "exited", "exitCode": 0}, {"upsert": false}]])
     );
-    let e = store.patch_process(&ProcessId::new(), &patch).await.unwrap_err();
+    let e = store
+        .patch_process(&ProcessId::new(), &patch)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "sandbox_process_not_found");
     let e = store
-        .patch_sandbox(&SandboxId::new(), &SandboxPatch { status: Some(SandboxStatus::Shutdown), ..Default::default() })
+        .patch_sandbox(
+            &SandboxId::new(),
+            &SandboxPatch {
+                status: Some(SandboxStatus::Shutdown),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), "sandbox_not_found");
-    assert!(emu.query_direct(json!({"sandbox_sandboxes": {}}))["sandbox_sandboxes"].as_array().unwrap().len() == 1,
-        "a patch of an unknown id creates nothing");
+    assert!(
+        emu.query_direct(json!({"sandbox_sandboxes": {}}))["sandbox_sandboxes"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1,
+        "a patch of an unknown id creates nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +206,11 @@ async fn records_and_logs_written_the_typescript_way_are_read() {
         ["link", "sandbox_processes", pid.to_string(), {"sandbox": sid.to_string()}],
     ]);
     let r = http
-        .post(format!("{}/admin/transact?app_id={}", emu.base_url(), common::APP_ID))
+        .post(format!(
+            "{}/admin/transact?app_id={}",
+            emu.base_url(),
+            common::APP_ID
+        ))
         .header("app-id", common::APP_ID)
         .bearer_auth(common::TOKEN)
         .json(&json!({"steps": steps}))
@@ -171,12 +219,21 @@ async fn records_and_logs_written_the_typescript_way_are_read() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let s = b.records.get_sandbox(&sid).await.unwrap().unwrap();
-    assert_eq!((s.status, s.provider.as_str(), s.sandbox_url), (SandboxStatus::Active, "sprites", None));
+    assert_eq!(
+        (s.status, s.provider.as_str(), s.sandbox_url),
+        (SandboxStatus::Active, "sprites", None)
+    );
     let p = b.records.get_process(&pid).await.unwrap().unwrap();
-    assert_eq!((p.sandbox_id, p.exit_code, p.cwd.clone()), (sid, Some(0), None));
+    assert_eq!(
+        (p.sandbox_id, p.exit_code, p.cwd.clone()),
+        (sid, Some(0), None)
+    );
     let listed = b
         .records
-        .list_processes(&sandbox_core::ProcessFilter { sandbox_id: Some(sid), ..Default::default() })
+        .list_processes(&sandbox_core::ProcessFilter {
+            sandbox_id: Some(sid),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(listed, vec![p]);
@@ -184,7 +241,12 @@ async fn records_and_logs_written_the_typescript_way_are_read() {
     // And our log is the upstream NDJSON.
     let pid2 = ProcessId::new();
     let mut w = ChunkWriter::open(b.logs.as_ref(), sid, pid2).await.unwrap();
-    w.append(ChunkType::Stdout, json!({"text": "hi\n"}).as_object().cloned()).await.unwrap();
+    w.append(
+        ChunkType::Stdout,
+        json!({"text": "hi\n"}).as_object().cloned(),
+    )
+    .await
+    .unwrap();
     w.close().await.unwrap();
     let raw = String::from_utf8(emu.stream_content(&pid2.stream_client_id()).unwrap()).unwrap();
     let v: Value = serde_json::from_str(raw.trim_end()).unwrap();
@@ -205,7 +267,10 @@ async fn bad_responses_become_typed_errors() {
     emu.fail_next(1, 500);
     let e = store.get_sandbox(&id).await.unwrap_err();
     assert_eq!(e.code(), "transient");
-    assert!(e.is_retryable() && e.to_string().contains("HTTP 500"), "{e}");
+    assert!(
+        e.is_retryable() && e.to_string().contains("HTTP 500"),
+        "{e}"
+    );
 
     emu.respond_raw_next(200, "<html>proxy</html>");
     let e = store.get_sandbox(&id).await.unwrap_err();
@@ -231,7 +296,10 @@ async fn bad_responses_become_typed_errors() {
     .unwrap();
     let e = bad.records.get_sandbox(&id).await.unwrap_err();
     assert_eq!(e.code(), "unauthorized");
-    assert!(!format!("{e} {e:?}").contains(wrong), "the token never appears in an error");
+    assert!(
+        !format!("{e} {e:?}").contains(wrong),
+        "the token never appears in an error"
+    );
     let e = bad.logs.open_writer(&ProcessId::new()).await.err().unwrap();
     assert_eq!(e.code(), "unauthorized");
     assert!(!format!("{e} {e:?}").contains(wrong));
@@ -264,7 +332,10 @@ async fn listing_with_a_limit_breaks_start_time_ties_by_id() {
     }
     ids.sort();
     let got = store
-        .list_processes(&sandbox_core::ProcessFilter { limit: Some(3), ..Default::default() })
+        .list_processes(&sandbox_core::ProcessFilter {
+            limit: Some(3),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let got: Vec<_> = got.iter().map(|p| (p.started_at, p.id)).collect();

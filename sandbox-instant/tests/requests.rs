@@ -1,5 +1,6 @@
 //! HTTP requests of one recorded process run against the emulator.
 
+#[path = "support/common.rs"]
 mod common;
 #[path = "support/run.rs"]
 mod run;
@@ -29,12 +30,27 @@ async fn a_recorded_run_needs_three_round_trips_besides_its_batched_appends() {
     assert_eq!(count(&emu, "/admin/sse", None), 1, "{all:?}");
     assert_eq!(count(&emu, "/admin/sse/push", Some("start-stream")), 1);
     assert_eq!(count(&emu, "/admin/transact", None), 2);
-    assert_eq!(count(&emu, "/admin/query", None), 0, "no lookups on the way");
+    assert_eq!(
+        count(&emu, "/admin/query", None),
+        0,
+        "no lookups on the way"
+    );
     assert_eq!(others, 4, "{all:?}");
-    assert!(appends <= 10, "{appends} append requests for {chunks} chunks");
+    assert!(
+        appends <= 10,
+        "{appends} append requests for {chunks} chunks"
+    );
 
-    let log = svc.logs().read(&outcome.process_id, ReadFrom::START, usize::MAX).await.unwrap();
-    assert_eq!(log.entries.len(), chunks + 2, "status, every output chunk, exit");
+    let log = svc
+        .logs()
+        .read(&outcome.process_id, ReadFrom::START, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        log.entries.len(),
+        chunks + 2,
+        "status, every output chunk, exit"
+    );
 
     // A second run reuses the session: three requests besides appends.
     emu.clear_requests();

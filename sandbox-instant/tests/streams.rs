@@ -1,5 +1,6 @@
 //! Process logs over the streams protocol: batching, dropped sessions, file parts, liveness.
 
+#[path = "support/common.rs"]
 mod common;
 
 use std::time::Duration;
@@ -11,11 +12,16 @@ use sandbox_core::{
 use serde_json::json;
 
 fn text(i: usize) -> Option<serde_json::Map<String, serde_json::Value>> {
-    json!({ "text": format!("line {i} ü€𝄞\n") }).as_object().cloned()
+    json!({ "text": format!("line {i} ü€𝄞\n") })
+        .as_object()
+        .cloned()
 }
 
 async fn read_all(logs: &dyn StreamSink, pid: &ProcessId) -> Vec<sandbox_core::LogEntry> {
-    logs.read(pid, ReadFrom::START, usize::MAX).await.unwrap().entries
+    logs.read(pid, ReadFrom::START, usize::MAX)
+        .await
+        .unwrap()
+        .entries
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,8 +46,15 @@ async fn dropped_sse_sessions_during_a_long_log_lose_and_duplicate_nothing() {
     }
     assert!(drops >= 5, "sessions were dropped mid-stream ({drops})");
     w.close().await.unwrap();
-    let starts = emu.requests().iter().filter(|r| r.ops.iter().any(|o| o == "start-stream")).count();
-    assert!(starts > 1, "the writer reconnected with its token ({starts} start-stream)");
+    let starts = emu
+        .requests()
+        .iter()
+        .filter(|r| r.ops.iter().any(|o| o == "start-stream"))
+        .count();
+    assert!(
+        starts > 1,
+        "the writer reconnected with its token ({starts} start-stream)"
+    );
 
     let entries = read_all(b.logs.as_ref(), &pid).await;
     let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
@@ -49,14 +62,27 @@ async fn dropped_sse_sessions_during_a_long_log_lose_and_duplicate_nothing() {
     let mut offset = 0;
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e.offset, offset, "offsets continue without gap");
-        assert_eq!(e.chunk().unwrap().text(), Some(format!("line {} ü€𝄞\n", i + 1).as_str()));
+        assert_eq!(
+            e.chunk().unwrap().text(),
+            Some(format!("line {} ü€𝄞\n", i + 1).as_str())
+        );
         offset = e.end();
     }
     let stored = emu.stream_content(&pid.stream_client_id()).unwrap();
-    assert_eq!(stored.len() as u64, offset, "the server holds exactly the bytes written");
-    assert!(emu.stream_parts(&pid.stream_client_id()) > 1, "the log was flushed to several file parts");
+    assert_eq!(
+        stored.len() as u64,
+        offset,
+        "the server holds exactly the bytes written"
+    );
+    assert!(
+        emu.stream_parts(&pid.stream_client_id()) > 1,
+        "the log was flushed to several file parts"
+    );
 
-    let followed = tokio::time::timeout(Duration::from_secs(30), follow_task).await.unwrap().unwrap();
+    let followed = tokio::time::timeout(Duration::from_secs(30), follow_task)
+        .await
+        .unwrap()
+        .unwrap();
     let followed: Vec<u64> = followed.into_iter().map(|e| e.unwrap().seq).collect();
     assert_eq!(followed, (1..=n as u64).collect::<Vec<_>>());
 }
@@ -65,10 +91,17 @@ async fn dropped_sse_sessions_during_a_long_log_lose_and_duplicate_nothing() {
 async fn ten_thousand_small_writes_are_sent_in_few_requests() {
     let emu = common::emulator().await;
     let b = common::backend(&emu);
-    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), ProcessId::new()).await.unwrap();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), ProcessId::new())
+        .await
+        .unwrap();
     emu.clear_requests();
     for i in 0..10_000 {
-        w.append(ChunkType::Stdout, json!({"text": format!("{i}\n")}).as_object().cloned()).await.unwrap();
+        w.append(
+            ChunkType::Stdout,
+            json!({"text": format!("{i}\n")}).as_object().cloned(),
+        )
+        .await
+        .unwrap();
     }
     w.close().await.unwrap();
     let appends = emu
@@ -76,7 +109,10 @@ async fn ten_thousand_small_writes_are_sent_in_few_requests() {
         .iter()
         .filter(|r| r.ops.iter().any(|o| o == "append-stream"))
         .count();
-    assert!(appends <= 100, "{appends} append requests for 10,000 writes");
+    assert!(
+        appends <= 100,
+        "{appends} append requests for 10,000 writes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,11 +120,20 @@ async fn appends_are_sent_after_the_batch_delay_without_a_flush() {
     let emu = common::emulator().await;
     let b = common::backend(&emu);
     let pid = ProcessId::new();
-    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid).await.unwrap();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
     w.append(ChunkType::Stdout, text(1)).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while emu.stream_content(&pid.stream_client_id()).unwrap().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "the queued append was never sent");
+    while emu
+        .stream_content(&pid.stream_client_id())
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queued append was never sent"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let page = b.logs.read(&pid, ReadFrom::START, 10).await.unwrap();
@@ -104,16 +149,26 @@ async fn reads_from_a_byte_offset_start_at_the_next_whole_line() {
     emu.set_flush_byte_limit(100);
     let b = common::backend(&emu);
     let pid = ProcessId::new();
-    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid).await.unwrap();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
     for i in 1..=20 {
         w.append(ChunkType::Stdout, text(i)).await.unwrap();
     }
     w.close().await.unwrap();
     let all = read_all(b.logs.as_ref(), &pid).await;
     let e7 = &all[6];
-    let from_line = b.logs.read(&pid, ReadFrom::Offset(e7.offset), 100).await.unwrap();
+    let from_line = b
+        .logs
+        .read(&pid, ReadFrom::Offset(e7.offset), 100)
+        .await
+        .unwrap();
     assert_eq!(from_line.entries.first().map(|e| e.seq), Some(7));
-    let mid = b.logs.read(&pid, ReadFrom::Offset(e7.offset + 3), 100).await.unwrap();
+    let mid = b
+        .logs
+        .read(&pid, ReadFrom::Offset(e7.offset + 3), 100)
+        .await
+        .unwrap();
     assert_eq!(mid.entries.first().map(|e| e.seq), Some(8));
     assert_eq!(mid.entries.len(), 13);
     assert_eq!(mid.entries, all[7..].to_vec());
@@ -133,13 +188,26 @@ async fn liveness_is_alive_then_gone_in_this_process_and_unknown_elsewhere() {
     )
     .unwrap();
     let pid = ProcessId::new();
-    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid).await.unwrap();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
     w.append(ChunkType::Stdout, text(1)).await.unwrap();
     w.flush().await.unwrap();
-    assert_eq!(b.logs.status(&pid).await.unwrap().unwrap().writer, WriterLiveness::Alive);
-    assert_eq!(other.logs.status(&pid).await.unwrap().unwrap().writer, WriterLiveness::Unknown);
+    assert_eq!(
+        b.logs.status(&pid).await.unwrap().unwrap().writer,
+        WriterLiveness::Alive
+    );
+    assert_eq!(
+        other.logs.status(&pid).await.unwrap().unwrap().writer,
+        WriterLiveness::Unknown
+    );
 
-    let e = other.logs.open_writer(&pid).await.err().expect("a second writer is refused by the server");
+    let e = other
+        .logs
+        .open_writer(&pid)
+        .await
+        .err()
+        .expect("a second writer is refused by the server");
     assert_eq!(e.code(), "sandbox_process_stream_writer_exists");
 
     drop(w);
@@ -147,7 +215,12 @@ async fn liveness_is_alive_then_gone_in_this_process_and_unknown_elsewhere() {
     assert_eq!((s.writer, s.entries), (WriterLiveness::Gone, 1));
     b.logs.abandon(&pid, "writer_lost").await.unwrap();
     let s = other.logs.status(&pid).await.unwrap().unwrap();
-    assert_eq!(s.state, LogState::Aborted { reason: "writer_lost".into() });
+    assert_eq!(
+        s.state,
+        LogState::Aborted {
+            reason: "writer_lost".into()
+        }
+    );
     assert_eq!(s.entries, 1, "what the dropped writer wrote is kept");
 }
 
@@ -161,7 +234,9 @@ async fn a_foreign_open_log_is_abandoned_through_its_streams_entity() {
     )
     .unwrap();
     let pid = ProcessId::new();
-    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid).await.unwrap();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
     w.append(ChunkType::Stdout, text(1)).await.unwrap();
     w.flush().await.unwrap();
     let follower = other.logs.follow(&pid, ReadFrom::START).await.unwrap();
@@ -171,7 +246,12 @@ async fn a_foreign_open_log_is_abandoned_through_its_streams_entity() {
         .expect("the follower ends when the log is abandoned");
     assert_eq!(got.len(), 1);
     let s = other.logs.status(&pid).await.unwrap().unwrap();
-    assert_eq!(s.state, LogState::Aborted { reason: "sandbox_stopped".into() });
+    assert_eq!(
+        s.state,
+        LogState::Aborted {
+            reason: "sandbox_stopped".into()
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +259,9 @@ async fn failed_pushes_and_rate_limits_are_retried_without_loss() {
     let emu = common::emulator().await;
     let b = common::backend(&emu);
     let pid = ProcessId::new();
-    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid).await.unwrap();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
     for i in 1..=50 {
         if i == 10 {
             emu.fail_next(1, 500);
@@ -191,6 +273,10 @@ async fn failed_pushes_and_rate_limits_are_retried_without_loss() {
         w.flush().await.unwrap();
     }
     w.close().await.unwrap();
-    let seqs: Vec<u64> = read_all(b.logs.as_ref(), &pid).await.iter().map(|e| e.seq).collect();
+    let seqs: Vec<u64> = read_all(b.logs.as_ref(), &pid)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use sandbox_core::service::Coalescing;
 use sandbox_core::{
     unsupported, Capabilities, Checkpoint, CommandSpec, CreateRequest, ExecEvent, ExecRequest,
-    ExitStatus, Execution, FileWrite, ProcessOutcome, Provider, Provisioned, Result, ResumeRequest,
+    Execution, ExitStatus, FileWrite, ProcessOutcome, Provider, Provisioned, Result, ResumeRequest,
     SandboxConfig, SandboxHandle, SandboxId, SandboxService, StopMode, StoreBackend,
 };
 
@@ -29,11 +29,16 @@ impl Provider for Printer {
         "printer"
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities { stop: true, ..Capabilities::NONE }
+        Capabilities {
+            stop: true,
+            ..Capabilities::NONE
+        }
     }
     async fn create(&self, req: &CreateRequest) -> Result<Provisioned> {
         Ok(Provisioned {
-            handle: Arc::new(PrinterSandbox { chunks: self.chunks }),
+            handle: Arc::new(PrinterSandbox {
+                chunks: self.chunks,
+            }),
             external_id: format!("printer:{}", req.sandbox_id),
             url: None,
             params: serde_json::json!({}),
@@ -41,7 +46,9 @@ impl Provider for Printer {
         })
     }
     async fn resume(&self, _req: &ResumeRequest) -> Result<Arc<dyn SandboxHandle>> {
-        Ok(Arc::new(PrinterSandbox { chunks: self.chunks }))
+        Ok(Arc::new(PrinterSandbox {
+            chunks: self.chunks,
+        }))
     }
 }
 
@@ -55,7 +62,11 @@ impl SandboxHandle for PrinterSandbox {
             .map(|i| Ok(ExecEvent::Stdout(Bytes::from(format!("output line {i}\n")))))
             .collect();
         events.push(Ok(ExecEvent::Exit(ExitStatus::code(0))));
-        Ok(Execution { events: Box::pin(futures::stream::iter(events)), control: None, external_id: None })
+        Ok(Execution {
+            events: Box::pin(futures::stream::iter(events)),
+            control: None,
+            external_id: None,
+        })
     }
     async fn write_files(&self, _: Vec<FileWrite>) -> Result<()> {
         unsupported("printer", "files")
@@ -81,13 +92,19 @@ impl SandboxHandle for PrinterSandbox {
 }
 
 /// A service over `backend` with an active `printer` sandbox; each output event is one chunk.
-pub async fn service_with_sandbox(backend: StoreBackend, chunks: usize) -> (SandboxService, SandboxId) {
+pub async fn service_with_sandbox(
+    backend: StoreBackend,
+    chunks: usize,
+) -> (SandboxService, SandboxId) {
     let svc = SandboxService::builder()
         .store(backend)
         .provider(Arc::new(Printer { chunks }))
         .use_registry(false)
         .bootstrappers(vec![])
-        .coalescing(Coalescing { max_bytes: 1, max_delay: Duration::ZERO })
+        .coalescing(Coalescing {
+            max_bytes: 1,
+            max_delay: Duration::ZERO,
+        })
         .build()
         .unwrap();
     let config = SandboxConfig::from_json(r#"{"provider": "printer"}"#).unwrap();
@@ -97,7 +114,10 @@ pub async fn service_with_sandbox(backend: StoreBackend, chunks: usize) -> (Sand
 
 /// One recorded run: record, log with `status`, every output chunk and `exit`, final record.
 pub async fn recorded_run(svc: &SandboxService, sandbox: &SandboxId) -> ProcessOutcome {
-    let spec = CommandSpec::new(ExecRequest { argv: vec!["print".into()], ..Default::default() });
+    let spec = CommandSpec::new(ExecRequest {
+        argv: vec!["print".into()],
+        ..Default::default()
+    });
     let run = svc.spawn(sandbox, spec).await.unwrap();
     run.wait().await.unwrap()
 }

@@ -57,10 +57,13 @@ struct LinkRow {
     to_id: String,
 }
 
+/// Entities of one namespace by id: (insertion number, attributes).
+type Namespace = BTreeMap<String, (u64, Map<String, Value>)>;
+
 /// Entities by namespace and id, with an insertion counter for stable ordering.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Db {
-    entities: BTreeMap<String, BTreeMap<String, (u64, Map<String, Value>)>>,
+    entities: BTreeMap<String, Namespace>,
     links: Vec<LinkRow>,
     counter: u64,
     tx: u64,
@@ -80,15 +83,10 @@ fn resolve_link(ns: &str, label: &str) -> Option<(&'static str, bool)> {
 }
 
 fn forward_label(ns: &str, label: &str) -> Option<&'static str> {
-    LINKS.iter().find_map(|l| {
-        if l.from == ns && l.forward == label {
-            Some(l.forward)
-        } else if l.to == ns && l.reverse == label {
-            Some(l.forward)
-        } else {
-            None
-        }
-    })
+    LINKS
+        .iter()
+        .find(|l| (l.from == ns && l.forward == label) || (l.to == ns && l.reverse == label))
+        .map(|l| l.forward)
 }
 
 fn contains_nul(v: &Value) -> bool {

@@ -334,7 +334,7 @@ async fn front(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Respo
             Some(
                 (
                     StatusCode::TOO_MANY_REQUESTS,
-                    [("retry-after", d.as_secs().max(0).to_string())],
+                    [("retry-after", d.as_secs().to_string())],
                     Json(error_body("rate-limited", "too many requests")),
                 )
                     .into_response(),
