@@ -8,11 +8,12 @@
 //! `ENOENT` bodies), and checkpoints (NDJSON `info`/`complete`/`error` streams, the list as a
 //! bare JSON array). Every request must carry `Authorization: Bearer <token>`.
 //!
-//! Commands run for real: each sprite is a directory on this machine (its `/` is
-//! `<tmp>/<name>/fs`, with `/home/sprite` created), commands run there as host processes
-//! in their own process group with a minimal environment, so a file written by a command is
-//! read back through `fs/read`, and a restored checkpoint really brings files back. Paths in
-//! requests are translated; paths a command prints are host paths.
+//! Commands run for real through the `local` provider (`sandbox-local`): each sprite is a
+//! local sandbox whose workspace is the sprite's `/` (with `/home/sprite` created), so commands
+//! run with the strongest isolation the machine offers (`SANDBOX_LOCAL_ISOLATION` chooses), a
+//! file written by a command is read back through `fs/read`, and a restored checkpoint (the
+//! local provider's workspace snapshot) really brings files back. Paths in requests are
+//! translated; paths a command prints are host paths.
 //!
 //! Fault switches: [`SpritesEmulator::fail_next`], [`SpritesEmulator::rate_limit_next`],
 //! [`SpritesEmulator::drop_next_exec`], [`SpritesEmulator::truncate_next_exec`],
@@ -27,8 +28,6 @@
 //! # Ok(())
 //! # }
 //! ```
-
-mod runner;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -48,10 +47,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 
-use runner::{exit_code, kill_group, CommandRunner, HostRunner, RunSpec};
+use sandbox_core::{
+    CreateRequest, Env, ExecControl, ExecEvent, ExecRequest, ExitStatus, FileWrite, Provider,
+    SandboxConfig, SandboxHandle, SandboxId, StopMode,
+};
+use sandbox_local::LocalProvider;
 
 /// One logged request: method, path (without query) and when it arrived.
 pub type RequestLogEntry = (String, String, Instant);
@@ -77,13 +79,14 @@ impl fmt::Debug for SpritesEmulator {
 
 struct Shared {
     token: String,
-    root: tempfile::TempDir,
+    /// Holds the local sandboxes; removed with the emulator.
+    _root: tempfile::TempDir,
     sprites: Mutex<BTreeMap<String, Sprite>>,
     faults: Mutex<Faults>,
     log: Mutex<Vec<RequestLogEntry>>,
     latency: Mutex<Duration>,
     next_id: AtomicU64,
-    runner: Box<dyn CommandRunner>,
+    local: LocalProvider,
 }
 
 #[derive(Default)]
@@ -103,7 +106,9 @@ struct Sprite {
     url_auth: String,
     created_at: String,
     status: &'static str,
-    dir: PathBuf,
+    /// The local sandbox whose workspace is this sprite's `/`.
+    handle: Arc<dyn SandboxHandle>,
+    root: PathBuf,
     checkpoints: Vec<CheckpointState>,
     sessions: BTreeMap<u64, Session>,
 }
@@ -112,20 +117,20 @@ struct CheckpointState {
     id: String,
     create_time: String,
     comment: Option<String>,
-    dir: PathBuf,
+    local_id: String,
 }
 
 struct Session {
     command: String,
     workdir: String,
     created: String,
-    pgid: i32,
+    control: Option<Arc<dyn ExecControl>>,
     kill: Arc<Notify>,
 }
 
 impl Sprite {
     fn fs(&self) -> PathBuf {
-        self.dir.join("fs")
+        self.root.clone()
     }
 
     fn json(&self) -> Value {
@@ -141,11 +146,25 @@ impl Sprite {
         })
     }
 
-    fn kill_sessions(&mut self) {
+    /// Tells every session to kill its command (for `Drop`, which cannot wait).
+    fn signal_sessions(&self) {
         for s in self.sessions.values() {
-            kill_group(s.pgid);
             s.kill.notify_one();
         }
+    }
+
+    fn controls(&self) -> Vec<Arc<dyn ExecControl>> {
+        self.sessions
+            .values()
+            .filter_map(|s| s.control.clone())
+            .collect()
+    }
+}
+
+/// Kills every command running in a sprite and waits until each is killed.
+async fn kill_all(controls: Vec<Arc<dyn ExecControl>>) {
+    for c in controls {
+        let _ = c.kill().await;
     }
 }
 
@@ -155,17 +174,25 @@ impl SpritesEmulator {
     /// # Errors
     /// Binding 127.0.0.1:0 or creating its temporary directory failed.
     pub async fn start(token: impl Into<String>) -> io::Result<Self> {
+        let root = tempfile::Builder::new()
+            .prefix("sprites-emulator-")
+            .tempdir()?;
+        // Sprites have the network; the isolation mode follows SANDBOX_LOCAL_ISOLATION (auto).
+        let local_config = SandboxConfig::from_json(
+            &json!({ "local": { "root": root.path().join("local"), "network": true } }).to_string(),
+        )
+        .map_err(io::Error::other)?;
+        let local =
+            LocalProvider::from_config(&local_config, &Env::process()).map_err(io::Error::other)?;
         let shared = Arc::new(Shared {
             token: token.into(),
-            root: tempfile::Builder::new()
-                .prefix("sprites-emulator-")
-                .tempdir()?,
+            _root: root,
             sprites: Mutex::new(BTreeMap::new()),
             faults: Mutex::new(Faults::default()),
             log: Mutex::new(Vec::new()),
             latency: Mutex::new(Duration::ZERO),
             next_id: AtomicU64::new(1),
-            runner: Box::new(HostRunner),
+            local,
         });
         let app = Router::new()
             .route("/v1/sprites", post(create_sprite).get(list_sprites))
@@ -294,8 +321,8 @@ impl Drop for SpritesEmulator {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        for s in lock(&self.shared.sprites).values_mut() {
-            s.kill_sessions();
+        for s in lock(&self.shared.sprites).values() {
+            s.signal_sessions();
         }
     }
 }
@@ -455,16 +482,30 @@ async fn create_sprite(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
             "url_settings.auth",
         );
     }
-    let mut sprites = lock(&shared.sprites);
-    if sprites.contains_key(&name) {
-        return api_error(
+    let exists = || {
+        api_error(
             StatusCode::CONFLICT,
             "already_exists",
             format!("sprite {name} already exists"),
-        );
+        )
+    };
+    if lock(&shared.sprites).contains_key(&name) {
+        return exists();
     }
-    let dir = shared.root.path().join(&name);
-    if let Err(e) = std::fs::create_dir_all(dir.join("fs/home/sprite")) {
+    let made = shared
+        .local
+        .create(&CreateRequest {
+            sandbox_id: SandboxId::new(),
+            config: SandboxConfig::default(),
+        })
+        .await;
+    let handle = match made {
+        Ok(p) => p.handle,
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    let root = PathBuf::from(handle.workspace());
+    if let Err(e) = tokio::fs::create_dir_all(root.join("home/sprite")).await {
+        let _ = handle.stop(StopMode::Delete).await;
         return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
     }
     let n = shared.next_id.fetch_add(1, Ordering::SeqCst);
@@ -474,13 +515,22 @@ async fn create_sprite(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
         url_auth: auth,
         created_at: rfc3339_now(),
         status: "cold",
-        dir,
+        handle: handle.clone(),
+        root,
         checkpoints: Vec::new(),
         sessions: BTreeMap::new(),
     };
     let body = sprite.json();
-    sprites.insert(name, sprite);
-    (StatusCode::CREATED, axum::Json(body)).into_response()
+    {
+        let mut sprites = lock(&shared.sprites);
+        // A concurrent create of the same name won while this one provisioned.
+        if let std::collections::btree_map::Entry::Vacant(slot) = sprites.entry(name.clone()) {
+            slot.insert(sprite);
+            return (StatusCode::CREATED, axum::Json(body)).into_response();
+        }
+    }
+    let _ = handle.stop(StopMode::Delete).await;
+    exists()
 }
 
 async fn list_sprites(State(shared): State<Arc<Shared>>) -> Response {
@@ -504,11 +554,13 @@ async fn delete_sprite(
     State(shared): State<Arc<Shared>>,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    let Some(mut sprite) = lock(&shared.sprites).remove(&name) else {
+    let Some(sprite) = lock(&shared.sprites).remove(&name) else {
         return no_sprite(&name);
     };
-    sprite.kill_sessions();
-    let _ = std::fs::remove_dir_all(&sprite.dir);
+    kill_all(sprite.controls()).await;
+    if let Err(e) = sprite.handle.stop(StopMode::Delete).await {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -556,8 +608,28 @@ fn first<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn sprite_fs(shared: &Shared, name: &str) -> Option<PathBuf> {
-    lock(&shared.sprites).get(name).map(Sprite::fs)
+fn sprite_handle(shared: &Shared, name: &str) -> Option<(PathBuf, Arc<dyn SandboxHandle>)> {
+    lock(&shared.sprites)
+        .get(name)
+        .map(|s| (s.fs(), s.handle.clone()))
+}
+
+/// A failure of the local sandbox behind a filesystem call, as a Sprites FS error.
+fn local_fs_error(path: &str, e: &sandbox_core::Error) -> Response {
+    if e.is_not_found() {
+        return fs_error(StatusCode::NOT_FOUND, "ENOENT", path, e.to_string());
+    }
+    match e {
+        sandbox_core::Error::InvalidInput { .. } => {
+            fs_error(StatusCode::BAD_REQUEST, "EINVAL", path, e.to_string())
+        }
+        _ => fs_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "EIO",
+            path,
+            e.to_string(),
+        ),
+    }
 }
 
 // ---- files ---------------------------------------------------------------------------------
@@ -567,7 +639,7 @@ async fn fs_write(
     UrlPath(name): UrlPath<String>,
     req: Request,
 ) -> Response {
-    let Some(fs) = sprite_fs(&shared, &name) else {
+    let Some((fs, handle)) = sprite_handle(&shared, &name) else {
         return no_sprite(&name);
     };
     let q = query_pairs(req.uri().query());
@@ -594,46 +666,32 @@ async fn fs_write(
     if host == fs {
         return fs_error(StatusCode::BAD_REQUEST, "EISDIR", &path, "is a directory");
     }
-    if let Some(parent) = host.parent() {
-        if mkdir {
-            if let Err(e) = tokio::fs::create_dir_all(parent).await {
-                return fs_io_error(&path, &e);
-            }
-        } else if !parent.is_dir() {
-            return fs_error(
-                StatusCode::NOT_FOUND,
-                "ENOENT",
-                &path,
-                "no such file or directory",
-            );
-        }
+    // Without mkdirParents a missing parent is ENOENT; the local sandbox creates parents.
+    if !mkdir && host.parent().is_some_and(|p| !p.is_dir()) {
+        return fs_error(
+            StatusCode::NOT_FOUND,
+            "ENOENT",
+            &path,
+            "no such file or directory",
+        );
     }
     if host.is_dir() {
         return fs_error(StatusCode::BAD_REQUEST, "EISDIR", &path, "is a directory");
-    }
-    if let Err(e) = tokio::fs::write(&host, &body).await {
-        return fs_io_error(&path, &e);
     }
     let bits = mode
         .as_deref()
         .and_then(|m| u32::from_str_radix(m, 8).ok())
         .unwrap_or(0o644);
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&host, std::fs::Permissions::from_mode(bits));
+    let write = FileWrite {
+        path: host.display().to_string(),
+        content: body.clone(),
+        mode: Some(bits),
+    };
+    if let Err(e) = handle.write_files(vec![write]).await {
+        return local_fs_error(&path, &e);
     }
     axum::Json(json!({ "path": path, "size": body.len(), "mode": format!("{bits:04o}") }))
         .into_response()
-}
-
-fn fs_io_error(path: &str, e: &io::Error) -> Response {
-    let (status, code) = match e.kind() {
-        io::ErrorKind::NotFound => (StatusCode::NOT_FOUND, "ENOENT"),
-        io::ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "EACCES"),
-        io::ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "EEXIST"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "EIO"),
-    };
-    fs_error(status, code, path, e.to_string())
 }
 
 async fn fs_read(
@@ -641,7 +699,7 @@ async fn fs_read(
     UrlPath(name): UrlPath<String>,
     req: Request,
 ) -> Response {
-    let Some(fs) = sprite_fs(&shared, &name) else {
+    let Some((fs, handle)) = sprite_handle(&shared, &name) else {
         return no_sprite(&name);
     };
     let q = query_pairs(req.uri().query());
@@ -654,9 +712,17 @@ async fn fs_read(
     if host.is_dir() {
         return fs_error(StatusCode::BAD_REQUEST, "EISDIR", &path, "is a directory");
     }
-    match tokio::fs::read(&host).await {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
-        Err(e) => fs_io_error(&path, &e),
+    match handle.read_file(&host.display().to_string()).await {
+        Ok(Some(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(None) => fs_error(
+            StatusCode::NOT_FOUND,
+            "ENOENT",
+            &path,
+            "no such file or directory",
+        ),
+        Err(e) => local_fs_error(&path, &e),
     }
 }
 
@@ -670,13 +736,12 @@ async fn create_checkpoint(
     let comment = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|v| v.get("comment").and_then(Value::as_str).map(str::to_string));
+    let Some((_, handle)) = sprite_handle(&shared, &name) else {
+        return no_sprite(&name);
+    };
     let (error, hide) = {
         let mut f = lock(&shared.faults);
         (f.checkpoint_error.take(), f.hide_checkpoint_ids)
-    };
-    let mut sprites = lock(&shared.sprites);
-    let Some(sprite) = sprites.get_mut(&name) else {
-        return no_sprite(&name);
     };
     let now = rfc3339_now();
     let mut lines = vec![json!({"type": "info", "data": "Creating checkpoint...", "time": now})];
@@ -684,20 +749,29 @@ async fn create_checkpoint(
         lines.push(json!({"type": "error", "error": message, "time": now}));
         return ndjson(lines);
     }
-    let id = format!("v{}", sprite.checkpoints.len() + 1);
-    let dir = sprite.dir.join("checkpoints").join(&id);
-    if let Err(e) = copy_tree(&sprite.fs(), &dir) {
-        lines.push(
-            json!({"type": "error", "error": format!("Checkpoint failed: {e}"), "time": now}),
-        );
-        return ndjson(lines);
-    }
-    sprite.checkpoints.push(CheckpointState {
-        id: id.clone(),
-        create_time: now.clone(),
-        comment,
-        dir,
-    });
+    let local = match handle.checkpoint(comment.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            lines.push(
+                json!({"type": "error", "error": format!("Checkpoint failed: {e}"), "time": now}),
+            );
+            return ndjson(lines);
+        }
+    };
+    let id = {
+        let mut sprites = lock(&shared.sprites);
+        let Some(sprite) = sprites.get_mut(&name) else {
+            return no_sprite(&name);
+        };
+        let id = format!("v{}", sprite.checkpoints.len() + 1);
+        sprite.checkpoints.push(CheckpointState {
+            id: id.clone(),
+            create_time: now.clone(),
+            comment,
+            local_id: local.id,
+        });
+        id
+    };
     lines.push(json!({"type": "info", "data": "Saving filesystem state...", "time": now}));
     let done = if hide {
         "Checkpoint created".to_string()
@@ -751,16 +825,18 @@ async fn restore_checkpoint(
     State(shared): State<Arc<Shared>>,
     UrlPath((name, id)): UrlPath<(String, String)>,
 ) -> Response {
-    let mut sprites = lock(&shared.sprites);
-    let Some(sprite) = sprites.get_mut(&name) else {
-        return no_sprite(&name);
+    let found = {
+        let sprites = lock(&shared.sprites);
+        let Some(sprite) = sprites.get(&name) else {
+            return no_sprite(&name);
+        };
+        sprite
+            .checkpoints
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| (c.local_id.clone(), sprite.handle.clone(), sprite.controls()))
     };
-    let Some(source) = sprite
-        .checkpoints
-        .iter()
-        .find(|c| c.id == id)
-        .map(|c| c.dir.clone())
-    else {
+    let Some((local_id, handle, controls)) = found else {
         return api_error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -768,42 +844,18 @@ async fn restore_checkpoint(
         );
     };
     // A restore stops what runs in the sprite.
-    sprite.kill_sessions();
+    kill_all(controls).await;
     let now = rfc3339_now();
     let mut lines = vec![
         json!({"type": "info", "data": format!("Restoring to checkpoint {id}..."), "time": now}),
     ];
-    let fs = sprite.fs();
-    let staged = sprite.dir.join("restore-staging");
-    let _ = std::fs::remove_dir_all(&staged);
-    let result = copy_tree(&source, &staged).and_then(|()| {
-        std::fs::remove_dir_all(&fs)?;
-        std::fs::rename(&staged, &fs)
-    });
-    match result {
+    match handle.restore(&local_id).await {
         Ok(()) => lines
             .push(json!({"type": "complete", "data": format!("Restored to {id}"), "time": now})),
         Err(e) => lines
             .push(json!({"type": "error", "error": format!("Restore failed: {e}"), "time": now})),
     }
     ndjson(lines)
-}
-
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
 }
 
 // ---- exec ----------------------------------------------------------------------------------
@@ -813,7 +865,7 @@ async fn exec_or_sessions(
     UrlPath(name): UrlPath<String>,
     req: Request,
 ) -> Response {
-    let Some(fs) = sprite_fs(&shared, &name) else {
+    let Some((fs, handle)) = sprite_handle(&shared, &name) else {
         return no_sprite(&name);
     };
     let is_upgrade = req
@@ -829,7 +881,7 @@ async fn exec_or_sessions(
         Ok(ws) => ws,
         Err(e) => return e.into_response(),
     };
-    let argv: Vec<String> = q
+    let mut argv: Vec<String> = q
         .iter()
         .filter(|(k, _)| k == "cmd")
         .map(|(_, v)| v.clone())
@@ -841,19 +893,18 @@ async fn exec_or_sessions(
             "cmd is required",
         );
     }
-    let program = first(&q, "path").unwrap_or(&argv[0]).to_string();
+    if let Some(program) = first(&q, "path") {
+        argv[0] = program.to_string();
+    }
     let dir = first(&q, "dir").unwrap_or("/home/sprite").to_string();
-    let mut env = BTreeMap::from([
-        (
-            "PATH".to_string(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ),
-        (
-            "HOME".to_string(),
-            fs.join("home/sprite").display().to_string(),
-        ),
-        ("LANG".to_string(), "C.UTF-8".to_string()),
-    ]);
+    let Some(cwd) = host_path(&fs, None, &dir) else {
+        return api_error(StatusCode::BAD_REQUEST, "invalid_request", "invalid dir");
+    };
+    // The sprite user's home, unless the caller sets HOME itself.
+    let mut env = BTreeMap::from([(
+        "HOME".to_string(),
+        fs.join("home/sprite").display().to_string(),
+    )]);
     for (_, v) in q.iter().filter(|(k, _)| k == "env") {
         if let Some((key, value)) = v.split_once('=') {
             env.insert(key.to_string(), value.to_string());
@@ -871,24 +922,24 @@ async fn exec_or_sessions(
         }
         (d, t)
     };
-    let spec = host_path(&fs, None, &dir).map(|cwd| RunSpec {
-        program: program.clone(),
-        args: argv[1..].to_vec(),
-        arg0: argv[0].clone(),
-        cwd,
+    let request = ExecRequest {
+        argv,
+        cwd: Some(cwd.display().to_string()),
         env,
-        stdin: first(&q, "stdin") == Some("true"),
-    });
+        stdin: None,
+        timeout: None,
+    };
+    let wants_stdin = first(&q, "stdin") == Some("true");
     ws.on_upgrade(move |socket| async move {
         let job = ExecJob {
             shared,
             name,
             dir,
-            argv,
+            handle,
             drop_conn,
             truncate,
         };
-        job.run(socket, spec).await;
+        job.run(socket, request, wants_stdin).await;
     })
 }
 
@@ -915,25 +966,29 @@ async fn kill_session(
     State(shared): State<Arc<Shared>>,
     UrlPath((name, session)): UrlPath<(String, String)>,
 ) -> Response {
-    let sprites = lock(&shared.sprites);
-    let Some(s) = sprites.get(&name) else {
-        return no_sprite(&name);
+    let control = {
+        let sprites = lock(&shared.sprites);
+        let Some(s) = sprites.get(&name) else {
+            return no_sprite(&name);
+        };
+        let Some(sess) = session
+            .parse::<u64>()
+            .ok()
+            .and_then(|id| s.sessions.get(&id))
+        else {
+            return api_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("session {session} not found"),
+            );
+        };
+        sess.control.clone()
     };
-    let Some(sess) = session
-        .parse::<u64>()
-        .ok()
-        .and_then(|id| s.sessions.get(&id))
-    else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("session {session} not found"),
-        );
-    };
-    kill_group(sess.pgid);
-    sess.kill.notify_one();
+    if let Some(c) = control {
+        let _ = c.kill().await;
+    }
     ndjson(vec![
-        json!({"type": "signal", "message": "sent SIGKILL", "signal": "SIGKILL", "pid": sess.pgid}),
+        json!({"type": "signal", "message": "sent SIGKILL", "signal": "SIGKILL", "pid": 0}),
         json!({"type": "killed", "message": "process killed"}),
         json!({"type": "complete", "exit_code": 137}),
     ])
@@ -943,37 +998,47 @@ struct ExecJob {
     shared: Arc<Shared>,
     name: String,
     dir: String,
-    argv: Vec<String>,
+    handle: Arc<dyn SandboxHandle>,
     drop_conn: bool,
     truncate: bool,
 }
 
+/// How the pump ended.
+enum End {
+    Exit(u8),
+    /// Drop the connection without exit or close frame.
+    Drop,
+    /// The local sandbox lost the command: report it and close without an exit frame.
+    Lost(String),
+}
+
 impl ExecJob {
-    async fn run(self, mut socket: WebSocket, spec: Option<RunSpec>) {
-        let started = spec
-            .as_ref()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "invalid dir"))
-            .and_then(|s| {
-                if !s.cwd.is_dir() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("chdir {}: no such file or directory", self.dir),
-                    ));
+    async fn run(self, mut socket: WebSocket, mut request: ExecRequest, wants_stdin: bool) {
+        // Stdin arrives as frames up to EOF; the local sandbox takes it whole.
+        if wants_stdin {
+            let mut input = Vec::new();
+            loop {
+                match socket.recv().await {
+                    Some(Ok(Message::Binary(data))) => match data.split_first() {
+                        Some((0, rest)) => input.extend_from_slice(rest),
+                        Some((4, _)) => break,
+                        _ => {}
+                    },
+                    Some(Ok(Message::Text(_)))
+                    | Some(Ok(Message::Ping(_)))
+                    | Some(Ok(Message::Pong(_))) => {}
+                    _ => return,
                 }
-                self.shared.runner.spawn(s)
-            });
-        let mut running = match started {
-            Ok(r) => r,
+            }
+            request.stdin = Some(input.into());
+        }
+        let command = request.argv.join(" ");
+        let mut exec = match self.handle.exec(request).await {
+            Ok(x) => x,
             Err(e) => {
-                let message = if e.kind() == io::ErrorKind::NotFound
-                    && spec.as_ref().is_some_and(|s| s.cwd.is_dir())
-                {
-                    format!(
-                        "exec: {:?}: executable file not found in $PATH",
-                        self.argv[0]
-                    )
-                } else {
-                    e.to_string()
+                let message = match &e {
+                    sandbox_core::Error::StartFailed { message } => message.clone(),
+                    other => other.to_string(),
                 };
                 let msg = json!({"type": "error", "message": message}).to_string();
                 let _ = socket.send(Message::Text(msg.into())).await;
@@ -983,7 +1048,7 @@ impl ExecJob {
         };
         let session_id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
         let kill = Arc::new(Notify::new());
-        {
+        let registered = {
             let mut sprites = lock(&self.shared.sprites);
             match sprites.get_mut(&self.name) {
                 Some(s) => {
@@ -991,118 +1056,137 @@ impl ExecJob {
                     s.sessions.insert(
                         session_id,
                         Session {
-                            command: self.argv.join(" "),
+                            command,
                             workdir: self.dir.clone(),
                             created: rfc3339_now(),
-                            pgid: running.pgid,
+                            control: exec.control.clone(),
                             kill: kill.clone(),
                         },
                     );
+                    true
                 }
-                None => {
-                    kill_group(running.pgid);
-                    return;
-                }
+                None => false,
             }
+        };
+        if !registered {
+            if let Some(c) = &exec.control {
+                let _ = c.kill().await;
+            }
+            return;
         }
         let info =
             json!({"type": "session_info", "session_id": session_id.to_string(), "tty": false});
         let _ = socket.send(Message::Text(info.to_string().into())).await;
 
-        let code = self.pump(&mut socket, &mut running, &kill).await;
-        kill_group(running.pgid);
+        let end = self.pump(&mut socket, &mut exec, &kill).await;
         if let Some(s) = lock(&self.shared.sprites).get_mut(&self.name) {
             s.sessions.remove(&session_id);
             if s.sessions.is_empty() {
                 s.status = "warm";
             }
         }
-        match code {
-            Some(_) if self.truncate => {
+        match end {
+            End::Exit(_) if self.truncate => {
                 let _ = socket.send(Message::Binary(vec![3u8].into())).await;
                 let _ = socket.send(Message::Close(None)).await;
             }
-            Some(code) => {
+            End::Exit(code) => {
                 let _ = socket.send(Message::Binary(vec![3u8, code].into())).await;
                 let _ = socket.send(Message::Close(None)).await;
             }
-            // Dropped: no exit frame, no close frame; the TCP connection just ends.
-            None => drop(socket),
+            End::Lost(message) => {
+                let msg = json!({"type": "error", "message": message}).to_string();
+                let _ = socket.send(Message::Text(msg.into())).await;
+                let _ = socket.send(Message::Close(None)).await;
+            }
+            // No exit frame, no close frame: the TCP connection just ends.
+            End::Drop => drop(socket),
         }
     }
 
-    /// Moves output to the socket and socket input to the command until it exits. `None`
-    /// means the connection is to be dropped.
+    /// Moves output to the socket and control messages to the command until it exits.
     async fn pump(
         &self,
         socket: &mut WebSocket,
-        running: &mut runner::Running,
+        exec: &mut sandbox_core::Execution,
         kill: &Notify,
-    ) -> Option<u8> {
-        let mut out_buf = vec![0u8; 32 * 1024];
-        let mut err_buf = vec![0u8; 32 * 1024];
-        let (mut out_open, mut err_open) = (true, true);
-        let mut stdin = running.stdin.take();
+    ) -> End {
+        use futures::StreamExt;
+        let control = exec.control.clone();
+        let kill_command = || async {
+            if let Some(c) = &control {
+                let _ = c.kill().await;
+            }
+        };
         let mut client_gone = false;
         loop {
-            if !out_open && !err_open {
-                break;
-            }
             tokio::select! {
-                n = running.stdout.read(&mut out_buf), if out_open => match n {
-                    Ok(0) | Err(_) => out_open = false,
-                    Ok(n) => {
-                        if !self.forward(socket, 1, &out_buf[..n]).await { client_gone = true; break; }
-                        if self.drop_conn { return None; }
+                ev = exec.events.next() => match ev {
+                    Some(Ok(ExecEvent::Stdout(b))) | Some(Ok(ExecEvent::Stderr(b))) if b.is_empty() => {}
+                    Some(Ok(ExecEvent::Stdout(b))) => {
+                        if !forward(socket, 1, &b).await || self.drop_conn {
+                            kill_command().await;
+                            return End::Drop;
+                        }
                     }
-                },
-                n = running.stderr.read(&mut err_buf), if err_open => match n {
-                    Ok(0) | Err(_) => err_open = false,
-                    Ok(n) => {
-                        if !self.forward(socket, 2, &err_buf[..n]).await { client_gone = true; break; }
-                        if self.drop_conn { return None; }
+                    Some(Ok(ExecEvent::Stderr(b))) => {
+                        if !forward(socket, 2, &b).await || self.drop_conn {
+                            kill_command().await;
+                            return End::Drop;
+                        }
                     }
+                    Some(Ok(ExecEvent::Exit(status))) => {
+                        if self.drop_conn || client_gone {
+                            return End::Drop;
+                        }
+                        return End::Exit(exit_code(&status));
+                    }
+                    Some(Err(e)) => return End::Lost(e.to_string()),
+                    None => return End::Lost("the command ended without an exit status".into()),
                 },
                 msg = socket.recv(), if !client_gone => match msg {
-                    Some(Ok(Message::Binary(data))) => match data.split_first() {
-                        Some((0, rest)) => {
-                            if let Some(w) = stdin.as_mut() {
-                                if w.write_all(rest).await.is_err() { stdin = None; }
-                            }
-                        }
-                        Some((4, _)) => {
-                            if let Some(mut w) = stdin.take() { let _ = w.shutdown().await; }
-                        }
-                        _ => {}
-                    },
                     Some(Ok(Message::Text(text))) => {
                         let v: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
                         if v.get("type").and_then(Value::as_str) == Some("signal") {
-                            kill_group(running.pgid);
+                            kill_command().await;
                         }
                     }
                     Some(Ok(_)) => {}
-                    // The client went away: the command does not outlive it here.
-                    Some(Err(_)) | None => { client_gone = true; kill_group(running.pgid); }
+                    // The client went away: here the command does not outlive it.
+                    Some(Err(_)) | None => {
+                        client_gone = true;
+                        kill_command().await;
+                    }
                 },
-                () = kill.notified() => kill_group(running.pgid),
+                () = kill.notified() => kill_command().await,
             }
         }
-        if self.drop_conn || client_gone {
-            kill_group(running.pgid);
-            let _ = running.child.wait().await;
-            return None;
-        }
-        let status = running.child.wait().await.ok()?;
-        Some(exit_code(&status))
     }
+}
 
-    async fn forward(&self, socket: &mut WebSocket, stream: u8, data: &[u8]) -> bool {
-        let mut frame = Vec::with_capacity(data.len() + 1);
-        frame.push(stream);
-        frame.extend_from_slice(data);
-        socket.send(Message::Binary(frame.into())).await.is_ok()
+async fn forward(socket: &mut WebSocket, stream: u8, data: &[u8]) -> bool {
+    let mut frame = Vec::with_capacity(data.len() + 1);
+    frame.push(stream);
+    frame.extend_from_slice(data);
+    socket.send(Message::Binary(frame.into())).await.is_ok()
+}
+
+/// The exit code a shell would report: the code, or 128 + the signal number.
+fn exit_code(status: &ExitStatus) -> u8 {
+    if let Some(c) = status.code {
+        return (c & 0xff) as u8;
     }
+    let signal = match status.signal.as_deref() {
+        Some("SIGHUP") => 1,
+        Some("SIGINT") => 2,
+        Some("SIGQUIT") => 3,
+        Some("SIGABRT") => 6,
+        Some("SIGSEGV") => 11,
+        Some("SIGPIPE") => 13,
+        Some("SIGTERM") => 15,
+        _ => 9,
+    };
+    128 + signal
 }
 
 // ---- time ----------------------------------------------------------------------------------
