@@ -8,9 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -69,6 +69,23 @@ pub(crate) struct ProcessTable {
 }
 
 impl ProcessTable {
+    /// The table of the sandbox living in `dir`, shared by every live handle of this process,
+    /// so `stop` through a resumed handle also kills commands started through another one.
+    pub(crate) fn for_sandbox(dir: &Path) -> Arc<ProcessTable> {
+        static TABLES: OnceLock<Mutex<HashMap<PathBuf, Weak<ProcessTable>>>> = OnceLock::new();
+        let mut tables = TABLES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(table) = tables.get(dir).and_then(Weak::upgrade) {
+            return table;
+        }
+        tables.retain(|_, t| t.strong_count() > 0);
+        let table = Arc::new(ProcessTable::default());
+        tables.insert(dir.to_path_buf(), Arc::downgrade(&table));
+        table
+    }
+
     fn insert(&self, group: Arc<ProcessGroup>) -> u64 {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(key, group);
@@ -250,6 +267,9 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
             .reaped
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = true;
+        // Reaped is what `stop` waits for, even if nobody consumes the events.
+        waiter_ctx.processes.remove(key);
+        let _ = done_tx.send(true);
         let _ = exited_tx.send(true);
         for reader in [stdout, stderr].into_iter().flatten() {
             let _ = reader.await;
@@ -263,8 +283,6 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
             Err(e) => Err(crate::error::io("wait for the command", e)),
         };
         let _ = tx.send(event).await;
-        waiter_ctx.processes.remove(key);
-        let _ = done_tx.send(true);
     });
 
     let events = futures::stream::unfold(rx, |mut rx| async move {

@@ -219,7 +219,7 @@ pub(crate) struct SandboxContext {
     pub network: bool,
     pub ports: Vec<u16>,
     pub delete_on_stop: bool,
-    pub processes: ProcessTable,
+    pub processes: Arc<ProcessTable>,
     stopped: AtomicBool,
     /// Built once per workspace directory (rules name inodes: a restore invalidates it).
     landlock: Mutex<Option<Arc<OwnedFd>>>,
@@ -286,6 +286,7 @@ pub struct LocalSandbox {
 
 impl LocalSandbox {
     fn new(sandbox_id: SandboxId, layout: Layout, params: &LocalParams) -> Self {
+        let processes = ProcessTable::for_sandbox(&layout.dir);
         LocalSandbox {
             ctx: Arc::new(SandboxContext {
                 sandbox_id,
@@ -295,7 +296,7 @@ impl LocalSandbox {
                 network: params.network,
                 ports: params.ports.clone(),
                 delete_on_stop: !params.persistent,
-                processes: ProcessTable::default(),
+                processes,
                 stopped: AtomicBool::new(false),
                 landlock: Mutex::new(None),
             }),
@@ -307,7 +308,7 @@ impl LocalSandbox {
         self.ctx.isolation
     }
 
-    /// Number of commands still running in this sandbox (started through this handle).
+    /// Number of commands still running in this sandbox (started by this process).
     pub fn running_commands(&self) -> usize {
         self.ctx.processes.len()
     }

@@ -183,3 +183,52 @@ async fn stop_kills_every_running_command() {
         }
     }
 }
+
+#[tokio::test]
+async fn stop_through_a_resumed_handle_kills_commands_started_through_the_first() {
+    use sandbox_core::{Provider, ResumeRequest, SandboxId};
+    for mode in common::modes(&Isolation::ALL).await {
+        let (_root, p, sb) = common::sandbox(mode, "").await;
+        let mut exec = sb.handle.exec(sh("echo up; exec sleep 300")).await.unwrap();
+        assert!(matches!(
+            exec.events.next().await,
+            Some(Ok(ExecEvent::Stdout(_)))
+        ));
+        let resumed = p
+            .resume(&ResumeRequest {
+                sandbox_id: SandboxId::parse(sb.external_id.trim_start_matches("local:")).unwrap(),
+                external_id: sb.external_id.clone(),
+                url: None,
+                params: sb.params.clone(),
+            })
+            .await
+            .unwrap();
+        resumed.stop(StopMode::Delete).await.unwrap();
+        let mut last = None;
+        while let Some(ev) = exec.events.next().await {
+            last = Some(ev.unwrap());
+        }
+        assert!(
+            matches!(&last, Some(ExecEvent::Exit(e)) if e.signal.as_deref() == Some("SIGKILL")),
+            "{mode}: {last:?}"
+        );
+        assert!(
+            !std::path::Path::new(sb.handle.workspace()).exists(),
+            "{mode}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stop_does_not_wait_for_a_consumer_that_never_reads() {
+    for mode in common::modes(&[Isolation::None]).await {
+        let (_root, _p, sb) = common::sandbox(mode, "").await;
+        // Far more output than the event buffer holds, and nobody reads it.
+        let exec = sb.handle.exec(sh("yes")).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sb.handle.stop(StopMode::Delete))
+            .await
+            .expect("stop waited for the unread events")
+            .unwrap();
+        drop(exec);
+    }
+}
