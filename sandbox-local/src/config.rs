@@ -32,8 +32,9 @@ pub struct LocalConfig {
     /// Keep the workspace when the sandbox stops (same as `deleteOnStop: false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent: Option<bool>,
-    /// Delete the workspace when the sandbox stops (default `true`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Delete the workspace when the sandbox stops (default `true`). The TypeScript package's
+    /// `cleanup` is read as this field.
+    #[serde(default, alias = "cleanup", skip_serializing_if = "Option::is_none")]
     pub delete_on_stop: Option<bool>,
     /// Directory holding the sandboxes. Wins over `SANDBOX_LOCAL_ROOT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +159,12 @@ mod tests {
         assert_eq!(c.root, Some(PathBuf::from("/r")));
         assert!(!c.delete_on_stop().unwrap());
         let c = LocalConfig::from_config(&cfg(r#"{"local": {"deleteOnStop": false}}"#)).unwrap();
+        assert!(!c.delete_on_stop().unwrap());
+        // Upstream's `cleanup`; its `basePath` and `env` are ignored, not errors.
+        let c = LocalConfig::from_config(&cfg(
+            r#"{"local": {"cleanup": false, "basePath": "/w", "env": {"A": "b"}}}"#,
+        ))
+        .unwrap();
         assert!(!c.delete_on_stop().unwrap());
         assert!(LocalConfig::default().delete_on_stop().unwrap());
     }

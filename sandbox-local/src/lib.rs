@@ -46,7 +46,7 @@
 //! |----------------|------------------------|---------------------------------------------------|
 //! | `isolation`    | `auto`                 | `auto`, `bwrap`, `landlock` or `none`             |
 //! | `persistent`   | `false`                | keep the workspace on stop                        |
-//! | `deleteOnStop` | `true`                 | delete the workspace on stop (`false` = persistent) |
+//! | `deleteOnStop` | `true`                 | delete the workspace on stop (`false` = persistent); upstream's `cleanup` is read as this |
 //! | `root`         | see below              | directory holding the sandboxes                   |
 //! | `network`      | `false`                | host network even without declared ports          |
 //!
