@@ -181,7 +181,8 @@ fn run_streams_output_and_propagates_the_exit_code() {
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(out.stdout, b"out\n");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("err\n"));
+    // stderr is not a terminal here: no spinner, no notes, only the command's own stderr.
+    assert_eq!(out.stderr, b"err\n");
     let ok = home.cmd().args(["run", "--", "true"]).output().unwrap();
     assert_eq!(ok.status.code(), Some(0));
 }
@@ -569,6 +570,16 @@ fn doctor_reports_store_providers_isolation_and_credentials_by_name_only() {
     assert_eq!(d["defaultProvider"], "local");
     assert!(d["localIsolation"]["available"].is_array(), "{d}");
     assert!(d["localIsolation"]["auto"].is_string(), "{d}");
+    if cfg!(feature = "sprites") {
+        let sprites = d["credentials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["provider"] == "sprites")
+            .expect("sprites credentials reported");
+        assert_eq!(sprites["set"], serde_json::json!(["SPRITES_API_TOKEN"]));
+        assert_eq!(sprites["unset"], serde_json::json!(["SPRITE_TOKEN"]));
+    }
     // The human form too.
     let human = home
         .cmd()
@@ -579,6 +590,100 @@ fn doctor_reports_store_providers_isolation_and_credentials_by_name_only() {
     let human = String::from_utf8(human.stdout).unwrap();
     assert!(!human.contains("very-secret-token-value"));
     assert!(human.contains("isolation:"));
+}
+
+#[test]
+fn ls_filters_by_status_and_provider() {
+    let home = Home::new();
+    let kept = home.create();
+    home.ok(&["run", "--", "true"]);
+    let active = home.json(&["ls", "--status", "active"]);
+    assert_eq!(active.as_array().unwrap().len(), 1);
+    assert_eq!(active[0]["id"], kept.as_str());
+    assert_eq!(
+        home.json(&["ls", "--status", "shutdown"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        home.json(&["ls", "--provider", "local"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        home.json(&["ls", "--provider", "sprites"]),
+        serde_json::json!([])
+    );
+    let (code, _) = home.json_err(&["ls", "--status", "sleeping"]);
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn config_file_is_the_typescript_packages_json() {
+    let home = Home::new();
+    let config = home.path().join("sandbox.json");
+    std::fs::write(
+        &config,
+        r#"{"provider": "local", "purpose": "ci", "params": {"ticket": 7}}"#,
+    )
+    .unwrap();
+    let created = home.json(&["--config", config.to_str().unwrap(), "create"]);
+    assert_eq!(created["purpose"], "ci");
+    assert_eq!(created["params"]["ticket"], 7);
+
+    std::fs::write(&config, r#"{"provider": "nosuch"}"#).unwrap();
+    let (_, err) = home.json_err(&["--config", config.to_str().unwrap(), "create"]);
+    assert_eq!(err["code"], "sandbox_provider_unknown");
+    // --provider beats the config's provider.
+    home.ok(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--provider",
+        "local",
+        "create",
+    ]);
+
+    std::fs::write(&config, r#"{"ports": "not a list"}"#).unwrap();
+    let (_, err) = home.json_err(&["--config", config.to_str().unwrap(), "create"]);
+    assert_eq!(err["code"], "sandbox_config_invalid");
+    assert_eq!(home.json(&["ls"]).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn verbose_logs_go_to_stderr_and_quiet_silences_notes() {
+    let home = Home::new();
+    let out = home
+        .cmd()
+        .args(["-v", "run", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("command started"));
+    assert!(out.stdout.is_empty());
+    let out = home
+        .cmd()
+        .args(["-q", "run", "--keep", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = home
+        .cmd()
+        .args(["run", "--keep", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("sandbox "),
+        "--keep names the sandbox"
+    );
 }
 
 // ---- bad input -----------------------------------------------------------------------------

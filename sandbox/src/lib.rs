@@ -13,12 +13,15 @@
 //! | *(none)*  | always  | `sandbox-core`   | store `memory` (`memory:`)                 |
 //! | `local`   | yes     | [`sandbox-local`](local) | provider `local`                   |
 //! | `sqlite`  | yes     | [`sandbox-sqlite`](sqlite) | store `sqlite` (`sqlite:`, `sqlite:///path.db`) |
+//! | `sprites` | no      | [`sandbox-sprites`](sprites) | provider `sprites`             |
+//! | `instant` | no      | [`sandbox-instant`](instant) | store `instant` (`instant:`)   |
 //! | `full`    | no      | all of the above | every backend whose crate exists           |
 //!
-//! Backends whose crates are not in the workspace yet (`sprites`, `vercel`, `daytona`,
-//! `instant`, `skills`) get their feature when their crate lands: a feature that linked
-//! nothing would be a silent no-op. Each enabled backend crate is re-exported under its short
-//! name (`sandbox::local`, `sandbox::sqlite`) for its own configuration types.
+//! Backends whose crates are not in the workspace yet (`vercel`, `daytona`, `skills`) get
+//! their feature when their crate lands: a feature that linked nothing would be a silent
+//! no-op. Each enabled backend crate is re-exported under its short name (`sandbox::local`,
+//! `sandbox::sqlite`, ...) for its own configuration types, which also links it so its
+//! registration is present.
 //!
 //! # Environment
 //!
@@ -27,7 +30,9 @@
 //! | `SANDBOX_PROVIDER` | provider used when the config names none (default `local`)     |
 //! | `SANDBOX_STORE`    | store URL used when none is given (default: SQLite in the user's data directory) |
 //!
-//! Each backend documents its own variables (credentials, endpoints).
+//! Each backend documents its own variables: `SANDBOX_LOCAL_ROOT`, `SANDBOX_LOCAL_ISOLATION`
+//! (`local`); `SPRITES_API_TOKEN`, `SPRITES_API_BASE_URL` (`sprites`); `INSTANT_APP_ID`,
+//! `INSTANT_APP_ADMIN_TOKEN`, `INSTANT_API_URI` (`instant`).
 //!
 //! # Example
 //!
@@ -54,3 +59,11 @@ pub use sandbox_local as local;
 /// The SQLite store (feature `sqlite`).
 #[cfg(feature = "sqlite")]
 pub use sandbox_sqlite as sqlite;
+
+/// The `sprites` provider (feature `sprites`).
+#[cfg(feature = "sprites")]
+pub use sandbox_sprites as sprites;
+
+/// The InstantDB store (feature `instant`).
+#[cfg(feature = "instant")]
+pub use sandbox_instant as instant;

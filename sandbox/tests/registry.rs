@@ -6,7 +6,10 @@ use sandbox::registry;
 
 /// `(feature enabled, provider name)` for every provider feature of the facade.
 fn expected_providers() -> Vec<&'static str> {
-    let features: &[(bool, &str)] = &[(cfg!(feature = "local"), "local")];
+    let features: &[(bool, &str)] = &[
+        (cfg!(feature = "local"), "local"),
+        (cfg!(feature = "sprites"), "sprites"),
+    ];
     let mut v: Vec<_> = features
         .iter()
         .filter(|(on, _)| *on)
@@ -18,7 +21,11 @@ fn expected_providers() -> Vec<&'static str> {
 
 /// `memory` plus `(feature enabled, store scheme)` for every store feature of the facade.
 fn expected_stores() -> Vec<&'static str> {
-    let features: &[(bool, &str)] = &[(true, "memory"), (cfg!(feature = "sqlite"), "sqlite")];
+    let features: &[(bool, &str)] = &[
+        (true, "memory"),
+        (cfg!(feature = "sqlite"), "sqlite"),
+        (cfg!(feature = "instant"), "instant"),
+    ];
     let mut v: Vec<_> = features
         .iter()
         .filter(|(on, _)| *on)
