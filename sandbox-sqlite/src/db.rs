@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags};
 use sandbox_core::{Error, Result};
 
+use crate::checkpoint::Checkpointer;
 use crate::config::{Location, SqliteConfig};
 use crate::error::{self, DbError, DbResult};
 use crate::schema;
@@ -36,6 +37,8 @@ pub(crate) struct Db {
     idle: Mutex<Vec<Connection>>,
     /// The single connection of an in-memory database.
     memory: Option<Mutex<Connection>>,
+    /// Background checkpoints of a file database.
+    checkpointer: Option<Checkpointer>,
 }
 
 impl std::fmt::Debug for Db {
@@ -66,6 +69,7 @@ impl Db {
                     label,
                     idle: Mutex::new(Vec::new()),
                     memory: Some(Mutex::new(conn)),
+                    checkpointer: None,
                 }))
             }
             Location::File(path) => {
@@ -80,14 +84,23 @@ impl Db {
                 let key = std::fs::canonicalize(path)
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| label.clone());
+                let checkpointer = Checkpointer::start(path, config, &label);
                 Ok(Arc::new(Db {
                     config: config.clone(),
                     key,
                     label,
                     idle: Mutex::new(vec![conn]),
                     memory: None,
+                    checkpointer,
                 }))
             }
+        }
+    }
+
+    /// Tells the checkpointer that about `bytes` were committed to the write-ahead log.
+    pub(crate) fn wrote(&self, bytes: u64) {
+        if let Some(c) = &self.checkpointer {
+            c.wrote(bytes);
         }
     }
 
@@ -208,7 +221,7 @@ fn prepare_file(path: &Path, label: &str) -> Result<()> {
     Ok(())
 }
 
-fn open_file(path: &Path, config: &SqliteConfig) -> DbResult<Connection> {
+pub(crate) fn open_file(path: &Path, config: &SqliteConfig) -> DbResult<Connection> {
     let conn = open_raw(path, config)?;
     configure(&conn, config)?;
     Ok(conn)
@@ -237,6 +250,9 @@ fn configure(conn: &Connection, config: &SqliteConfig) -> DbResult<()> {
         // `flush` upgrades to a synced commit for power loss.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        // Checkpoints (copying the log into the database, with fsyncs) run on the background
+        // checkpointer, not inside a writer's commit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     }
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())

@@ -144,6 +144,7 @@
 
 #![warn(missing_docs)]
 
+mod checkpoint;
 pub mod config;
 mod db;
 mod error;

@@ -197,6 +197,17 @@ fn chunk_head(line: &str) -> ChunkHead {
         #[serde(rename = "type")]
         kind: Option<String>,
     }
+    // The core writer puts `data` (the bulk) last: parse only what precedes it. A `,"data":`
+    // cannot sit inside a string (its quote is unescaped), so the cut is structural; a cut
+    // inside a nested object fails to parse and falls back to the whole line.
+    if let Some(cut) = line.find(",\"data\":") {
+        let mut head = String::with_capacity(cut + 1);
+        head.push_str(&line[..cut]);
+        head.push('}');
+        if let Ok(h) = serde_json::from_str::<Head>(&head) {
+            return (h.at, h.kind);
+        }
+    }
     match serde_json::from_str::<Head>(line) {
         Ok(h) => (h.at, h.kind),
         Err(_) => (None, None),
@@ -345,12 +356,14 @@ impl LogAppender for SqliteAppender {
         }
         let (id, token) = (self.process_id, self.token.clone());
         let batch: Vec<_> = entries.to_vec();
+        let bytes: u64 = entries.iter().map(|e| e.line.len() as u64).sum();
         self.db
             .run("append to log", move |c| {
                 let heads: Vec<_> = batch.iter().map(|e| chunk_head(&e.line)).collect();
                 append_tx(c, &id, token.as_str(), &batch, &heads)
             })
             .await?;
+        self.db.wrote(bytes);
         self.notify.send_modify(|v| *v += 1);
         Ok(())
     }
