@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::live::{run_live, LogPrinter};
 use crate::output::{table, time, Context, Failure, Output, EXIT_RUN_ERROR};
-use crate::{Command, CommandArgs, Global};
+use crate::{Command, CommandArgs, CreateArgs, Global};
 
 /// What every command works with: the resolved config, environment and store.
 pub struct Ctx {
@@ -130,8 +130,12 @@ fn exec_request(args: &CommandArgs) -> Result<ExecRequest, Failure> {
 pub async fn dispatch(command: Command, global: Global, out: Output) -> Result<u8, Failure> {
     let ctx = Ctx::new(global, out)?;
     match command {
-        Command::Run { keep, command } => run(&ctx, keep, &command).await,
-        Command::Create => create(&ctx).await.map(|_| 0),
+        Command::Run {
+            keep,
+            create,
+            command,
+        } => run(&ctx, keep, &create, &command).await,
+        Command::Create { create: args } => create(&ctx, &args).await.map(|_| 0),
         Command::Ls { status, active } => ls(&ctx, status, active).await,
         Command::Show { id } => show(&ctx, &id).await,
         Command::Exec { id, command } => exec(&ctx, &id, &command).await,
@@ -158,11 +162,26 @@ pub fn service(ctx: &Ctx) -> Result<SandboxService, Failure> {
     ctx.service()
 }
 
-async fn create_sandbox(ctx: &Ctx, service: &SandboxService) -> Result<SandboxRecord, Failure> {
+async fn create_sandbox(
+    ctx: &Ctx,
+    service: &SandboxService,
+    args: &CreateArgs,
+) -> Result<SandboxRecord, Failure> {
     let name = ctx.check_provider()?;
+    let mut config = ctx.config.clone();
+    if !args.ports.is_empty() {
+        let mut ports = config.ports.take().unwrap_or_default();
+        ports.extend(&args.ports);
+        ports.sort_unstable();
+        ports.dedup();
+        config.ports = Some(ports);
+    }
+    if let Some(p) = &args.purpose {
+        config.purpose = Some(p.clone());
+    }
     let spinner = ctx.out.spinner(format!("creating a {name} sandbox"));
     let record = service
-        .create(&ctx.config)
+        .create(&config)
         .await
         .context(|| format!("create a sandbox on provider {name}"))?;
     drop(spinner);
@@ -179,9 +198,9 @@ async fn create_sandbox(ctx: &Ctx, service: &SandboxService) -> Result<SandboxRe
     Ok(record)
 }
 
-async fn create(ctx: &Ctx) -> Result<(), Failure> {
+async fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
     let service = ctx.service()?;
-    let record = create_sandbox(ctx, &service).await?;
+    let record = create_sandbox(ctx, &service, args).await?;
     ctx.out.result(&json!(record), || record.id.to_string());
     Ok(())
 }
@@ -206,14 +225,21 @@ async fn stop_sandbox(
     r
 }
 
-async fn run(ctx: &Ctx, keep: bool, args: &CommandArgs) -> Result<u8, Failure> {
+async fn run(
+    ctx: &Ctx,
+    keep: bool,
+    create: &CreateArgs,
+    args: &CommandArgs,
+) -> Result<u8, Failure> {
     let to_run = |mut f: Failure| {
         f.exit = EXIT_RUN_ERROR;
         f
     };
     let req = exec_request(args).map_err(to_run)?;
     let service = ctx.service().map_err(to_run)?;
-    let record = create_sandbox(ctx, &service).await.map_err(to_run)?;
+    let record = create_sandbox(ctx, &service, create)
+        .await
+        .map_err(to_run)?;
     let id = record.id;
     if keep {
         ctx.out.note(format!("sandbox {id}"));

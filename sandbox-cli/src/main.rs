@@ -92,6 +92,17 @@ pub struct CommandArgs {
     pub command: Vec<String>,
 }
 
+/// What a new sandbox gets, on top of the config file.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CreateArgs {
+    /// Port to expose (repeatable; `sandbox port ID PORT` gives its URL)
+    #[arg(long = "port", short = 'p', value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Free-form purpose stored on the record
+    #[arg(long, value_name = "TEXT")]
+    pub purpose: Option<String>,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -100,12 +111,19 @@ pub enum Command {
         /// Keep the sandbox after the command ends (its id is printed on stderr)
         #[arg(long)]
         keep: bool,
+        /// What the new sandbox gets.
+        #[command(flatten)]
+        create: CreateArgs,
         /// The command to run.
         #[command(flatten)]
         command: CommandArgs,
     },
     /// Create a sandbox and print its id
-    Create,
+    Create {
+        /// What the new sandbox gets.
+        #[command(flatten)]
+        create: CreateArgs,
+    },
     /// List sandboxes (oldest first)
     Ls {
         /// Only sandboxes with this status (creating, active, shutdown, error)

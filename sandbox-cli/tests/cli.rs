@@ -379,6 +379,28 @@ fn cp_of_a_missing_sandbox_file_fails_and_writes_nothing() {
     assert!(!dest.exists());
 }
 
+#[test]
+fn port_gives_the_url_of_a_declared_port() {
+    let home = Home::new();
+    let id = home
+        .ok(&["create", "--port", "8080", "--purpose", "web"])
+        .trim()
+        .to_string();
+    let shown = home.json(&["show", &id]);
+    assert_eq!(shown["ports"], serde_json::json!([8080]));
+    assert_eq!(shown["purpose"], "web");
+    let url = home.ok(&["port", &id, "8080"]);
+    assert!(
+        url.starts_with("http") && url.trim_end().ends_with("8080"),
+        "{url}"
+    );
+    let (code, err) = home.json_err(&["port", &id, "0"]);
+    assert_eq!(
+        (code, err["code"].as_str()),
+        (1, Some("sandbox_port_invalid"))
+    );
+}
+
 // ---- checkpoints, stop -------------------------------------------------------------------
 
 #[test]
