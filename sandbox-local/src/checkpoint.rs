@@ -9,7 +9,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
@@ -58,7 +58,7 @@ pub(crate) fn create(layout: &Layout, comment: Option<String>) -> Result<Checkpo
         let mut tar = tar::Builder::new(gz);
         tar.follow_symlinks(false);
         tar.mode(tar::HeaderMode::Complete);
-        tar.append_dir_all(".", &layout.workspace)?;
+        append_tree(&mut tar, &layout.workspace, Path::new(""))?;
         let mut out = tar.into_inner()?.finish()?;
         out.flush()?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -83,6 +83,40 @@ pub(crate) fn create(layout: &Layout, comment: Option<String>) -> Result<Checkpo
         comment,
         created_at: Some(created_at),
     })
+}
+
+/// Appends the contents of `dir` under `name`, without following symlinks. Sockets and
+/// devices are skipped: they cannot be restored meaningfully (a socket's server is gone).
+fn append_tree<W: Write>(
+    tar: &mut tar::Builder<W>,
+    dir: &Path,
+    name: &Path,
+) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let entry_name = name.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&path)?;
+        let kind = meta.file_type();
+        if kind.is_socket() || kind.is_char_device() || kind.is_block_device() {
+            continue;
+        }
+        if kind.is_fifo() {
+            // tar's own FIFO path sets an empty link name, which it then refuses.
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            header.set_entry_type(tar::EntryType::Fifo);
+            header.set_size(0);
+            tar.append_data(&mut header, &entry_name, std::io::empty())?;
+            continue;
+        }
+        tar.append_path_with_name(&path, &entry_name)?;
+        if kind.is_dir() {
+            append_tree(tar, &path, &entry_name)?;
+        }
+    }
+    Ok(())
 }
 
 /// Every checkpoint, oldest first.
@@ -313,5 +347,30 @@ mod tests {
                 "{id:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod special_files {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    #[test]
+    fn sockets_and_fifos_in_the_workspace_do_not_break_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(&dir.path().canonicalize().unwrap(), "s");
+        l.create().unwrap();
+        std::fs::write(l.workspace.join("file"), "data").unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(l.workspace.join("app.sock")).unwrap();
+        let fifo = std::ffi::CString::new(l.workspace.join("pipe").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let cp = create(&l, None).unwrap();
+        std::fs::remove_file(l.workspace.join("file")).unwrap();
+        restore(&l, &cp.id).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(l.workspace.join("file")).unwrap(),
+            "data"
+        );
     }
 }
