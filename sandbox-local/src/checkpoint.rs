@@ -353,7 +353,6 @@ mod tests {
 #[cfg(test)]
 mod special_files {
     use super::*;
-    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn sockets_and_fifos_in_the_workspace_do_not_break_a_checkpoint() {
