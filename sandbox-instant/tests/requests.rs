@@ -18,7 +18,8 @@ fn count(emu: &sandbox_testkit::instant::InstantEmulator, path: &str, op: Option
 async fn a_recorded_run_needs_three_round_trips_besides_its_batched_appends() {
     let emu = common::emulator().await;
     let chunks = 500;
-    let (svc, sandbox) = run::service_with_sandbox(common::backend(&emu), chunks).await;
+    let (svc, sandbox) =
+        run::service_with_sandbox(common::backend_without_timer(&emu), chunks).await;
     emu.clear_requests();
     let outcome = run::recorded_run(&svc, &sandbox).await;
     assert_eq!(outcome.status, ProcessStatus::Exited);

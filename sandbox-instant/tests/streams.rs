@@ -90,7 +90,7 @@ async fn dropped_sse_sessions_during_a_long_log_lose_and_duplicate_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_small_writes_are_sent_in_few_requests() {
     let emu = common::emulator().await;
-    let b = common::backend(&emu);
+    let b = common::backend_without_timer(&emu);
     let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), ProcessId::new())
         .await
         .unwrap();
@@ -279,4 +279,31 @@ async fn failed_pushes_and_rate_limits_are_retried_without_loss() {
         .map(|e| e.seq)
         .collect();
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_messages_on_the_sse_channel_become_typed_errors() {
+    let emu = common::emulator().await;
+    let b = common::backend(&emu);
+    let pid = ProcessId::new();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
+    w.append(ChunkType::Stdout, text(1)).await.unwrap();
+    w.close().await.unwrap();
+
+    emu.fail_next_subscription("permission denied for $streams");
+    let e = b.logs.read(&pid, ReadFrom::START, 10).await.unwrap_err();
+    assert_eq!(e.code(), "store_error");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+
+    emu.fail_next_subscription("stream unavailable");
+    let mut f = b.logs.follow(&pid, ReadFrom::START).await.unwrap();
+    let first = f.next().await.unwrap().unwrap_err();
+    assert!(first.to_string().contains("stream unavailable"), "{first}");
+    assert!(f.next().await.is_none(), "the follow ends after the error");
+
+    // A session the server ended is reopened by the next reader, unseen by the caller.
+    assert!(emu.drop_sse_sessions() >= 1);
+    assert_eq!(read_all(b.logs.as_ref(), &pid).await.len(), 1);
 }

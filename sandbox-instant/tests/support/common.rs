@@ -33,3 +33,11 @@ pub fn env(emu: &InstantEmulator) -> Env {
         ("INSTANT_API_URI", emu.base_url().as_str()),
     ])
 }
+
+/// A backend whose writers send only when a batch is full or on flush/close, so request
+/// counts do not depend on how fast the machine is.
+pub fn backend_without_timer(emu: &InstantEmulator) -> StoreBackend {
+    let mut c = config(emu);
+    c.batch_delay = Duration::from_secs(3600);
+    sandbox_instant::backend(c).unwrap()
+}

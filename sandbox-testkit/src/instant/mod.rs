@@ -17,6 +17,7 @@
 //!
 //! Fault switches: [`InstantEmulator::drop_sse_sessions`], [`InstantEmulator::fail_next`],
 //! [`InstantEmulator::rate_limit_next`], [`InstantEmulator::respond_raw_next`],
+//! [`InstantEmulator::fail_next_subscription`],
 //! [`InstantEmulator::set_latency`], [`InstantEmulator::set_flush_byte_limit`]; every request is
 //! in [`InstantEmulator::requests`].
 //!
@@ -106,6 +107,8 @@ struct Inner {
     by_client: HashMap<String, String>,
     files: HashMap<String, Vec<u8>>,
     flush_limit: usize,
+    /// Messages of `error` answers for the next subscribe-stream messages.
+    subscribe_errors: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -159,6 +162,7 @@ impl InstantEmulator {
                 by_client: HashMap::new(),
                 files: HashMap::new(),
                 flush_limit: DEFAULT_FLUSH_BYTE_LIMIT,
+                subscribe_errors: Vec::new(),
             }),
             faults: Mutex::new(Faults::default()),
             log: Mutex::new(Vec::new()),
@@ -227,6 +231,13 @@ impl InstantEmulator {
         lock(&self.shared.faults)
             .raw
             .push((status, body.to_string()));
+    }
+
+    /// Answers the next subscribe-stream with an `error` message on the SSE channel.
+    pub fn fail_next_subscription(&self, message: &str) {
+        lock(&self.shared.inner)
+            .subscribe_errors
+            .push(message.to_string());
     }
 
     /// Delays every request by `latency`.
@@ -667,6 +678,10 @@ fn handle_message(g: &mut Inner, base: &str, session: &str, msg: &Value, out: &m
             if done {
                 notify_done(g, &sid);
             }
+        }
+        "subscribe-stream" if !g.subscribe_errors.is_empty() => {
+            let m = g.subscribe_errors.remove(0);
+            out.push(error_msg(&event_id, msg, &m));
         }
         "subscribe-stream" => {
             let sub = Sub {
