@@ -3,8 +3,42 @@
 //! them. On a machine with no account anywhere it uses the embedded default: provider `local`
 //! and a SQLite store in the user's data directory.
 //!
-//! See `sandbox --help` and `sandbox <command> --help`; exit codes and output formats are
-//! documented in the help text below ([`AFTER_HELP`]).
+//! ```text
+//! $ sandbox run -- sh -c 'echo hello; exit 3'      # create, run (output live), stop
+//! hello
+//! $ echo $?
+//! 3
+//! $ id=$(sandbox create --port 8080)
+//! $ sandbox exec "$id" --cwd app -e MODE=dev -- make test
+//! $ sandbox cp ./data.bin "$id":in/data.bin && sandbox cp "$id":out.bin ./out.bin
+//! $ sandbox ps "$id"; sandbox logs PROCESS_ID --follow --from-seq 10
+//! $ sandbox stop "$id"
+//! ```
+//!
+//! # Backends (Cargo features)
+//!
+//! | Feature   | Default | Links                                           |
+//! |-----------|---------|-------------------------------------------------|
+//! | `local`   | yes     | provider `local` (`sandbox-local`)              |
+//! | `sqlite`  | yes     | store `sqlite` (`sandbox-sqlite`)               |
+//! | `sprites` | yes     | provider `sprites` (`sandbox-sprites`)          |
+//! | `instant` | yes     | store `instant` (`sandbox-instant`)             |
+//! | `full`    | no      | every backend of the facade crate `sandbox`     |
+//!
+//! The store `memory:` is always there (nothing persists between invocations).
+//!
+//! # Environment
+//!
+//! | Variable | Meaning |
+//! |---|---|
+//! | `SANDBOX_PROVIDER` | provider when neither `--provider` nor the config's `provider` names one (else `local`) |
+//! | `SANDBOX_STORE` | store URL when `--store` is not given (else SQLite in the user's data directory) |
+//! | `RUST_LOG` | log filter on stderr; overrides `-v`/`-q` |
+//! | `SANDBOX_LOCAL_ROOT`, `SANDBOX_LOCAL_ISOLATION` | where `local` keeps sandboxes; which isolation it uses |
+//! | `SPRITES_API_TOKEN`, `SPRITES_API_BASE_URL`, ... | provider credentials and endpoints (`sandbox doctor` lists which are set, never their values) |
+//! | `INSTANT_APP_ID`, `INSTANT_APP_ADMIN_TOKEN`, `INSTANT_API_URI` | the `instant` store |
+//!
+//! Output formats and exit codes are in `sandbox --help` ([`AFTER_HELP`]).
 
 #![warn(missing_docs)]
 
