@@ -36,6 +36,8 @@ pub mod frame {
 
 /// Largest stdin frame sent.
 const STDIN_FRAME: usize = 64 * 1024;
+/// How long `exec` waits for the server to confirm the start before returning anyway.
+const START_CONFIRMATION: Duration = Duration::from_secs(2);
 /// How long a killed command may take to report its exit before we stop waiting.
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -106,19 +108,21 @@ pub(crate) async fn start(
     }
 
     // The first message tells whether the command started: `session_info`, output, or an
-    // `error` control message (missing program, bad directory).
+    // `error` control message (missing program, bad directory). A server that says nothing
+    // for a while runs a silent command: do not hold the caller longer than that.
     let mut session_id = None;
     let mut early = None;
-    match socket.next().await {
-        Some(Ok(Message::Text(text))) => match control(&text) {
+    match tokio::time::timeout(START_CONFIRMATION, socket.next()).await {
+        Err(_) => {}
+        Ok(Some(Ok(Message::Text(text)))) => match control(&text) {
             Ok(Control::SessionInfo(id)) => session_id = id,
             Ok(Control::Error(message)) => return Err(Error::StartFailed { message }),
             Ok(Control::Other) => {}
             Err(e) => return Err(error::malformed("exec", name, e)),
         },
-        Some(Ok(msg)) => early = Some(msg),
-        Some(Err(e)) => return Err(error::from_websocket("exec", name, &e)),
-        None => {
+        Ok(Some(Ok(msg))) => early = Some(msg),
+        Ok(Some(Err(e))) => return Err(error::from_websocket("exec", name, &e)),
+        Ok(None) => {
             return Err(Error::Transient {
                 provider: SPRITES.into(),
                 message: format!(

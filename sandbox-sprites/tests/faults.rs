@@ -78,6 +78,35 @@ async fn a_500_on_create_is_retried_and_makes_one_sprite() {
 }
 
 #[tokio::test]
+async fn a_500_after_the_sprite_was_made_still_ends_with_one_sprite() {
+    let emu = emulator().await;
+    emu.fail_next_after_handling(1, 502);
+    let p = provider(&emu);
+    let made = create(&p).await.unwrap();
+    assert_eq!(emu.sprite_names(), vec![made.external_id.clone()]);
+    // The retried create finds the name taken and looks the sprite up.
+    assert_eq!(
+        paths(&emu),
+        vec![
+            "POST /v1/sprites".to_string(),
+            "POST /v1/sprites".to_string(),
+            format!("GET /v1/sprites/{}", made.external_id),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_delete_retried_after_a_late_500_reports_the_sprite_gone() {
+    let emu = emulator().await;
+    let made = create(&provider(&emu)).await.unwrap();
+    emu.fail_next_after_handling(1, 500);
+    let e = made.handle.stop(StopMode::Delete).await.unwrap_err();
+    // The first DELETE worked; its retry finds nothing, which the service treats as stopped.
+    assert!(e.is_not_found(), "{e}");
+    assert!(emu.sprite_names().is_empty());
+}
+
+#[tokio::test]
 async fn a_create_whose_sprite_exists_reuses_it() {
     let emu = emulator().await;
     let p = provider_with(&emu, TOKEN, r#"{"name":"fixed-name"}"#);

@@ -15,7 +15,8 @@
 //! local provider's workspace snapshot) really brings files back. Paths in requests are
 //! translated; paths a command prints are host paths.
 //!
-//! Fault switches: [`SpritesEmulator::fail_next`], [`SpritesEmulator::rate_limit_next`],
+//! Fault switches: [`SpritesEmulator::fail_next`],
+//! [`SpritesEmulator::fail_next_after_handling`], [`SpritesEmulator::rate_limit_next`],
 //! [`SpritesEmulator::drop_next_exec`], [`SpritesEmulator::truncate_next_exec`],
 //! [`SpritesEmulator::corrupt_next_json`], [`SpritesEmulator::fail_next_checkpoint`],
 //! [`SpritesEmulator::set_latency`]; every request is logged ([`SpritesEmulator::requests`]).
@@ -92,6 +93,7 @@ struct Shared {
 #[derive(Default)]
 struct Faults {
     fail: VecDeque<u16>,
+    fail_after: VecDeque<u16>,
     rate_limit: VecDeque<Duration>,
     drop_exec: u32,
     truncate_exec: u32,
@@ -242,6 +244,13 @@ impl SpritesEmulator {
     pub fn fail_next(&self, n: u32, status: u16) {
         let mut f = lock(&self.shared.faults);
         f.fail.extend(std::iter::repeat_n(status, n as usize));
+    }
+
+    /// The next `n` requests are handled (a create creates, a delete deletes) and then
+    /// answered with `status` instead of their response, as when a gateway fails late.
+    pub fn fail_next_after_handling(&self, n: u32, status: u16) {
+        let mut f = lock(&self.shared.faults);
+        f.fail_after.extend(std::iter::repeat_n(status, n as usize));
     }
 
     /// The next `n` requests get 429 with `Retry-After: <retry_after>` (seconds, fractions
@@ -417,6 +426,15 @@ async fn gatekeeper(State(shared): State<Arc<Shared>>, req: Request, next: Next)
         );
     }
     let resp = next.run(req).await;
+    let late = lock(&shared.faults).fail_after.pop_front();
+    if let Some(status) = late {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return api_error(
+            status,
+            "injected_failure",
+            "injected failure after handling",
+        );
+    }
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
