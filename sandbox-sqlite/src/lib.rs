@@ -17,7 +17,7 @@
 //! | durability | each acknowledged append survives `kill -9` of the writer; `flush`/`close` survive power loss |
 //! | crash detection | writer liveness by pid + pid start time + boot id (Linux); see below |
 //! | concurrency | many tasks and several OS processes on one file; `SQLITE_BUSY` never reaches a caller |
-//! | memory | logs are not held in memory: reads and `follow` page through the database |
+//! | memory | logs are not held in memory: reads and `follow` page through the database (`follow` at most 256 entries or 1 MiB at a time) |
 //!
 //! # Store URLs
 //!
@@ -74,6 +74,12 @@
 //! `synchronous = FULL`, which fsyncs the write-ahead log and so every earlier commit: after
 //! they return the log survives power loss too.
 //!
+//! Copying the write-ahead log into the database (a checkpoint, with its fsyncs) is kept out
+//! of the writers' commits: SQLite's automatic checkpoint is off and a background thread per
+//! open file runs a `PASSIVE` checkpoint after every 32 MiB committed or a second of quiet, and
+//! a `RESTART` checkpoint once the log passes 64 MiB, so the `-wal` file stays bounded
+//! (`journal_size_limit` 64 MiB) during a long stream.
+//!
 //! # Writer liveness
 //!
 //! A log has exactly one writer, once: [`StreamSink::open_writer`] inserts the log's row in a
@@ -88,6 +94,9 @@
 //!
 //! - recorded by this very OS process: `Alive` while the writer object (token) exists here,
 //!   `Gone` once it was dropped without `close`;
+//! - released: a writer object dropped without `close` also records its release
+//!   (`writerReleasedAt`, best effort), so other OS processes see `Gone` while its process
+//!   keeps running;
 //! - another boot id: `Gone` (the machine rebooted; pids started over);
 //! - another pid namespace (a container sharing the file): `Unknown`, never judged dead;
 //! - otherwise `Alive` when the pid runs with the same start time and is not a zombie, else

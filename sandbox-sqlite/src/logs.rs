@@ -80,13 +80,15 @@ struct LogRow {
     bytes: u64,
     writer: WriterIdentity,
     token: String,
+    /// The writer object was dropped without closing the log.
+    released: bool,
 }
 
 impl LogRow {
     fn load(conn: &Connection, id: &ProcessId) -> rusqlite::Result<Option<LogRow>> {
         conn.prepare_cached(
             "SELECT streamId, state, abortReason, entries, bytes, writerPid, writerStartTime, \
-             writerBootId, writerPidNamespace, writerToken \
+             writerBootId, writerPidNamespace, writerToken, writerReleasedAt \
              FROM sandbox_process_logs WHERE processId = ?",
         )?
         .query_row([id.to_string()], |r| {
@@ -110,13 +112,14 @@ impl LogRow {
                     pid_namespace: r.get(8)?,
                 },
                 token: r.get(9)?,
+                released: r.get::<_, Option<i64>>(10)?.is_some(),
             })
         })
         .optional()
     }
 
     fn liveness(&self) -> WriterLiveness {
-        if self.state.is_finished() {
+        if self.state.is_finished() || self.released {
             WriterLiveness::Gone
         } else {
             liveness::judge(&self.writer, &self.token)
@@ -338,6 +341,41 @@ impl SqliteAppender {
         self.done = true;
         self.notify.send_modify(|v| *v += 1);
         Ok(())
+    }
+}
+
+impl Drop for SqliteAppender {
+    /// A writer dropped without `close` is recorded as released, so other OS processes see it
+    /// `Gone` while this one keeps running. Best effort, off the async runtime: should it not
+    /// happen, the pid check still applies.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (db, id, token) = (
+            self.db.clone(),
+            self.process_id,
+            self.token.as_str().to_string(),
+        );
+        let release = move || {
+            let result = db.run_blocking("release log writer", |c| {
+                c.execute(
+                    "UPDATE sandbox_process_logs SET writerReleasedAt = ? \
+                     WHERE processId = ? AND writerToken = ? AND state = 'open'",
+                    rusqlite::params![now_ms(), id.to_string(), token],
+                )?;
+                Ok(())
+            });
+            if let Err(e) = result {
+                tracing::debug!(process = %id, error = %e, "could not record the writer's release");
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("sqlite-release".into())
+            .spawn(release)
+        {
+            tracing::debug!(process = %self.process_id, error = %e, "could not record the writer's release");
+        }
     }
 }
 

@@ -83,7 +83,8 @@ CREATE TABLE sandbox_process_logs (
     writerStartTime    INTEGER,
     writerBootId       TEXT,
     writerPidNamespace TEXT,
-    writerToken        TEXT NOT NULL
+    writerToken        TEXT NOT NULL,
+    writerReleasedAt   INTEGER  -- set when the writer object was dropped without close
 ) STRICT;
 
 -- One row per chunk: the NDJSON line as written, plus its type and time for queries.

@@ -313,6 +313,92 @@ async fn acknowledged_chunks_survive_sigkill_and_reconcile_marks_the_process_los
     assert!(again.lost.is_empty() && again.alive.is_empty(), "{again:?}");
 }
 
+/// Child role `dropper`: opens the writer of `PROCESS`, appends one chunk, drops the writer
+/// without closing the log, prints `dropped`, and keeps running until its stdin closes.
+#[tokio::test]
+async fn child_dropper() {
+    if env(ROLE).as_deref() != Some("dropper") {
+        eprintln!("skipped: child_dropper runs only as a child of the crash tests");
+        return;
+    }
+    let db = open(Path::new(&env(DB).unwrap()));
+    let sandbox = SandboxId::parse(&env(SANDBOX).unwrap()).unwrap();
+    let process = ProcessId::parse(&env(PROCESS).unwrap()).unwrap();
+    db.records()
+        .insert_process(&process_record(process, sandbox))
+        .await
+        .unwrap();
+    let logs = db.logs();
+    let mut writer = ChunkWriter::open(&logs, sandbox, process).await.unwrap();
+    writer.append(ChunkType::Stdout, None).await.unwrap();
+    drop(writer);
+    println!();
+    println!("dropped");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_dropped_unclosed_in_a_running_process_is_gone_for_other_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dropped.db");
+    let db = open(&path);
+    let (sandbox, process) = (SandboxId::new(), ProcessId::new());
+    db.records()
+        .insert_sandbox(&sandbox_record(sandbox))
+        .await
+        .unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_dropper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, "dropper")
+        .env(DB, &path)
+        .env(SANDBOX, sandbox.to_string())
+        .env(PROCESS, process.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.trim() == "dropped" {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(LIMIT).expect("the child drops its writer");
+
+    // The child still runs; its release reaches the database shortly after the drop.
+    let logs = db.logs();
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let status = logs.status(&process).await.unwrap().unwrap();
+        if status.writer == WriterLiveness::Gone {
+            break;
+        }
+        assert_eq!(status.writer, WriterLiveness::Alive);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the release was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the child is still running"
+    );
+    logs.abandon(&process, "writer_lost").await.unwrap();
+    drop(child.stdin.take()); // let the child end
+    assert!(child.wait().unwrap().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_os_processes_append_to_one_file_concurrently_and_nothing_is_lost() {
     const N: u64 = 1500;
