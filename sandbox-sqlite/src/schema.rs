@@ -130,6 +130,13 @@ pub(crate) fn check_compatible(conn: &Connection, location: &str) -> DbResult<i6
             &format!("its application_id is {app:#x}"),
         ));
     }
+    if version > 0 && app != APPLICATION_ID {
+        // Every version this crate wrote carries its application_id.
+        return Err(foreign(
+            location,
+            &format!("it has schema version {version} but no sandbox application_id"),
+        ));
+    }
     if version > SCHEMA_VERSION {
         return Err(DbError::Domain(Error::invalid(
             "sandbox_store_schema_too_new",

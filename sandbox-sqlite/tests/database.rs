@@ -125,6 +125,21 @@ fn another_applications_database_is_refused_and_left_untouched() {
     assert_eq!(snapshot(&path), before);
 }
 
+#[test]
+fn a_versioned_database_without_the_sandbox_application_id_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("versioned.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE notes (t TEXT); PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    let before = snapshot(&path);
+    let e = open(&path).unwrap_err();
+    assert_eq!(e.code(), "sandbox_store_not_a_sandbox_database");
+    assert_eq!(snapshot(&path), before);
+}
+
 #[tokio::test]
 async fn records_and_logs_survive_reopening_and_the_schema_is_current() {
     let dir = tempfile::tempdir().unwrap();
