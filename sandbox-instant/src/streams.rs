@@ -34,7 +34,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What this OS process knows of the writers it opened.
 struct LocalWriter {
     alive: Weak<()>,
-    closed: bool,
     /// The writer of a log dropped without close, kept so `abandon` can end it properly.
     orphan: Option<Arc<tokio::sync::Mutex<WriterCore>>>,
 }
@@ -546,11 +545,10 @@ pub(crate) struct InstantAppender {
 impl Drop for InstantAppender {
     fn drop(&mut self) {
         let mut g = lock(local_writers());
+        // Still registered means not closed: keep the writer so `abandon` can end the stream
+        // with everything that was written.
         if let Some(w) = g.get_mut(&self.key) {
-            if !w.closed {
-                // Kept so `abandon` can end the stream with what was written.
-                w.orphan = Some(self.core.clone());
-            }
+            w.orphan = Some(self.core.clone());
         }
         self.alive.take();
     }
@@ -570,8 +568,9 @@ impl LogAppender for InstantAppender {
                 message: format!("the log {} is closed", c.client_id),
             });
         }
-        if let Some(e) = c.deferred.take() {
-            return Err(e);
+        if c.deferred.take().is_some() {
+            // A timed send failed; what it carried is still held. Retry before taking more.
+            c.push_pending(None).await?;
         }
         let (mut seq, mut off) = (c.next_seq, c.end);
         for e in entries {
@@ -587,13 +586,25 @@ impl LogAppender for InstantAppender {
             seq += 1;
             off = e.end();
         }
+        let (old_seq, old_end) = (c.next_seq, c.end);
         for e in entries {
             c.retained.push_str(&e.line);
         }
         c.next_seq = seq;
         c.end = off;
         if c.end - c.sent >= self.batch_bytes {
-            return c.push_pending(None).await;
+            if let Err(e) = c.push_pending(None).await {
+                // Not acknowledged: the caller may append the same entries again.
+                if c.sent <= old_end {
+                    // Trims stop at the flushed offset, at most `sent`: the new bytes are the tail.
+                    let keep = c.retained.len() - (off - old_end) as usize;
+                    c.retained.truncate(keep);
+                    c.next_seq = old_seq;
+                    c.end = old_end;
+                }
+                return Err(e);
+            }
+            return Ok(());
         }
         if !c.timer_armed && c.end > c.sent {
             c.timer_armed = true;
@@ -616,9 +627,8 @@ impl LogAppender for InstantAppender {
 
     async fn flush(&mut self) -> Result<()> {
         let mut c = self.core.lock().await;
-        if let Some(e) = c.deferred.take() {
-            return Err(e);
-        }
+        // A failed timed send is retried here with everything still held.
+        c.deferred = None;
         if c.finished {
             return Ok(());
         }
@@ -637,13 +647,10 @@ impl LogAppender for InstantAppender {
 impl InstantAppender {
     async fn end(&mut self, reason: Option<&str>) -> Result<()> {
         let mut c = self.core.lock().await;
-        if let Some(e) = c.deferred.take() {
-            return Err(e);
-        }
+        c.deferred = None;
         c.finish(reason).await?;
-        if let Some(w) = lock(local_writers()).get_mut(&self.key) {
-            w.closed = true;
-        }
+        // A closed log needs no local record: the server refuses any new writer for it.
+        lock(local_writers()).remove(&self.key);
         Ok(())
     }
 }
@@ -667,7 +674,6 @@ impl StreamSink for InstantSink {
                 key.clone(),
                 LocalWriter {
                     alive: Arc::downgrade(&alive),
-                    closed: false,
                     orphan: None,
                 },
             );
@@ -861,23 +867,19 @@ impl StreamSink for InstantSink {
         let local = {
             let g = lock(local_writers());
             g.get(&key)
-                .map(|w| (w.alive.strong_count() > 0, w.closed, w.orphan.clone()))
+                .map(|w| (w.alive.strong_count() > 0, w.orphan.clone()))
         };
         match local {
-            Some((true, false, _)) => {
+            Some((true, _)) => {
                 return Err(Error::Conflict {
                     code: "sandbox_process_stream_writer_alive".into(),
                     message: format!("the writer of process {process_id} is still alive"),
                 })
             }
-            Some((_, true, _)) => return Ok(()),
-            Some((false, false, Some(core))) => {
+            Some((false, Some(core))) => {
                 let mut c = core.lock().await;
                 c.finish(Some(reason)).await?;
-                if let Some(w) = lock(local_writers()).get_mut(&key) {
-                    w.closed = true;
-                    w.orphan = None;
-                }
+                lock(local_writers()).remove(&key);
                 return Ok(());
             }
             _ => {}

@@ -307,3 +307,29 @@ async fn error_messages_on_the_sse_channel_become_typed_errors() {
     assert!(emu.drop_sse_sessions() >= 1);
     assert_eq!(read_all(b.logs.as_ref(), &pid).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_is_not_acknowledged_and_can_be_written_again() {
+    let emu = common::emulator().await;
+    let mut cfg = common::config(&emu);
+    cfg.batch_bytes = 1;
+    let b = sandbox_instant::backend(cfg).unwrap();
+    let pid = ProcessId::new();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
+    w.append(ChunkType::Stdout, text(1)).await.unwrap();
+    emu.fail_next(1000, 503);
+    let e = w.append(ChunkType::Stdout, text(2)).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(w.last_seq(), 1, "the failed chunk took no seq");
+    emu.clear_faults();
+    assert_eq!(w.append(ChunkType::Stdout, text(2)).await.unwrap(), 2);
+    w.close().await.unwrap();
+    let seqs: Vec<u64> = read_all(b.logs.as_ref(), &pid)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+}

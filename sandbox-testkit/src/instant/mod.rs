@@ -219,6 +219,15 @@ impl InstantEmulator {
             .extend(std::iter::repeat_n(status, n));
     }
 
+    /// Forgets every pending failure switched on with `fail_next`, `rate_limit_next` and
+    /// `respond_raw_next`.
+    pub fn clear_faults(&self) {
+        let mut f = lock(&self.shared.faults);
+        f.fail.clear();
+        f.rate_limit.clear();
+        f.raw.clear();
+    }
+
     /// Answers the next `n` requests with 429 `rate-limited` and `Retry-After`.
     pub fn rate_limit_next(&self, n: usize, retry_after: Duration) {
         lock(&self.shared.faults)
