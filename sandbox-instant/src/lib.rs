@@ -30,6 +30,21 @@
 //! | [`StreamSink`](sandbox_core::StreamSink) | [`InstantSink`] | one writer per log; batched appends; reconnect-and-resend on a dropped session; readers from any `seq` or byte offset; live follow |
 //! | writer liveness | in-process only | `Alive`/`Gone` for writers of this OS process, `Unknown` for others |
 //!
+//! # Round trips
+//!
+//! One SSE session per sink carries every writer and reader. A recorded process run costs,
+//! besides its appends: one `start-stream` push (answered with the stream id), one transact
+//! creating the process with both links, one final transact. Appends are queued and sent
+//! when [`InstantConfig::batch_bytes`] are waiting, after [`InstantConfig::batch_delay`], or
+//! on flush/close; `close` sends the end of the stream with the last batch and waits for the
+//! server's `stream-flushed` with `done`. `cargo bench -p sandbox-instant --bench requests`
+//! prints the counts and the wall time with 20 ms latency against an unbatched baseline.
+//!
+//! Limits: `read` and `status` fetch the log from its start (or from the byte offset asked
+//! for) and cut locally; writer liveness is only known for writers of this OS process; a log
+//! whose writer lives in another OS process is abandoned by marking its `$streams` entity
+//! done through transact.
+//!
 //! # Configuration
 //!
 //! | Variable | Meaning |
