@@ -17,7 +17,7 @@
 //! | mode       | what confines a command                                                           |
 //! |------------|-----------------------------------------------------------------------------------|
 //! | `bwrap`    | bubblewrap: new mount, pid, ipc, uts namespaces; system directories read-only; the workspace read-write; a private `/tmp`; the network unshared unless the sandbox declares ports or `network: true` |
-//! | `landlock` | Landlock: writes only in the workspace and the private tmp; no signals to processes outside (kernel ABI 6+); no TCP unless ports or `network: true` (ABI 4+) |
+//! | `landlock` | Landlock: writes only in the workspace and the private tmp; no per-process files of `/proc` (another process's `environ` would leak the caller's secrets); no signals to processes outside (kernel ABI 6+); no TCP unless ports or `network: true` (ABI 4+) |
 //! | `none`     | nothing: a plain child process; the sandbox record carries a warning              |
 //!
 //! `auto` (the default) picks bwrap, else landlock, else none with the warning. Asking for a

@@ -54,3 +54,31 @@ async fn request_variables_override_the_base_environment() {
         sb.handle.stop(StopMode::Delete).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn an_isolated_command_cannot_read_a_host_process_environment_through_proc() {
+    // /proc/<pid>/environ shows the environment a process was started with: start one.
+    let mut host = std::process::Command::new("sleep")
+        .arg("60")
+        .env("HOST_PROCESS_SECRET", "hunter3-do-not-leak")
+        .spawn()
+        .unwrap();
+    let pid = host.id().to_string();
+    let modes = common::modes(&Isolation::ALL).await;
+    for mode in modes {
+        let (_root, _p, sb) = common::sandbox(mode, "").await;
+        let req = ExecRequest::new(["/bin/sh", "-c", "tr '\\0' '\\n' < /proc/$HOST_PID/environ"])
+            .env("HOST_PID", &pid);
+        let ran = run(sb.handle.as_ref(), req).await;
+        let leaked = ran.stdout.contains("hunter3-do-not-leak");
+        if mode == Isolation::None {
+            // Without isolation the host's /proc is open: this is what the warning is about.
+            assert!(leaked, "none: the check itself does not work: {ran:?}");
+        } else {
+            assert!(!leaked, "{mode}: read a host process's environment");
+        }
+        sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+    host.kill().unwrap();
+    host.wait().unwrap();
+}

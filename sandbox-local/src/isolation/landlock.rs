@@ -1,6 +1,8 @@
 //! Landlock: the command may write only in the workspace and the private tmp, may not signal
 //! processes outside its domain (ABI 6+), and gets no TCP unless the sandbox declares ports or
-//! network access (ABI 4+).
+//! network access (ABI 4+). It reads no file under `/proc` but a few global ones: Landlock
+//! does not stop reading `/proc/<pid>/environ` of the caller's other processes (same user), so
+//! per-process files, `/proc/self` included, are closed to it.
 //!
 //! The ruleset is built in the parent (it opens paths and allocates); the child only calls
 //! `prctl(PR_SET_NO_NEW_PRIVS)` and `landlock_restrict_self`, both async-signal-safe, between
@@ -32,6 +34,17 @@ const WRITABLE_DEVICES: &[&str] = &[
     "/dev/urandom",
 ];
 
+/// Files of /proc that say nothing about other processes.
+const READABLE_PROC_FILES: &[&str] = &[
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/loadavg",
+    "/proc/uptime",
+    "/proc/version",
+    "/proc/filesystems",
+];
+
 /// The kernel's Landlock ABI version (`landlock_create_ruleset(NULL, 0, VERSION)`).
 pub(crate) fn detect() -> std::result::Result<i32, String> {
     // SAFETY: the version query takes no pointer and has no side effect.
@@ -57,8 +70,9 @@ pub(crate) fn detect() -> std::result::Result<i32, String> {
     }
 }
 
-/// Builds the ruleset of a sandbox: read and execute everywhere, everything in the workspace and
-/// the private tmp, writes to a few harmless devices.
+/// Builds the ruleset of a sandbox: read and execute everywhere but in /proc (a few global
+/// files excepted), everything in the workspace and the private tmp, writes to a few harmless
+/// devices.
 pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Result<Arc<OwnedFd>> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         Error::provider(
@@ -77,14 +91,37 @@ pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Re
             .map_err(|e| fail("network rights", &e))?;
     }
     let path_fd = |p: &Path| PathFd::new(p).map_err(|e| fail(&p.display().to_string(), &e));
+    // Listing any directory is allowed; reading files everywhere except /proc, where other
+    // processes' `environ` would hand out the caller's secrets.
     let mut created = attr
         .create()
         .map_err(|e| fail("create", &e))?
         .add_rule(PathBeneath::new(
             path_fd(Path::new("/"))?,
-            AccessFs::from_read(TESTED_ABI),
+            AccessFs::ReadDir,
         ))
-        .map_err(|e| fail("/", &e))?
+        .map_err(|e| fail("/", &e))?;
+    let top_level = std::fs::read_dir("/").map_err(|e| fail("/", &e))?;
+    for entry in top_level.flatten() {
+        let path = entry.path();
+        if path == Path::new("/proc") {
+            continue;
+        }
+        // Entries that vanish or cannot be opened (dangling symlinks) are simply not granted.
+        if let Ok(fd) = PathFd::new(&path) {
+            created = created
+                .add_rule(PathBeneath::new(fd, AccessFs::from_read(TESTED_ABI)))
+                .map_err(|e| fail(&path.display().to_string(), &e))?;
+        }
+    }
+    for file in READABLE_PROC_FILES {
+        if let Ok(fd) = PathFd::new(file) {
+            created = created
+                .add_rule(PathBeneath::new(fd, AccessFs::ReadFile))
+                .map_err(|e| fail(file, &e))?;
+        }
+    }
+    created = created
         .add_rule(PathBeneath::new(
             path_fd(workspace)?,
             AccessFs::from_all(TESTED_ABI),
