@@ -176,13 +176,25 @@ fn store(status: u16, kind: &str, message: &str, ctx: &str) -> Error {
 /// Reads an error body: `{"type","message"}` JSON, or the raw text for anything else.
 pub(crate) fn from_body(status: u16, body: &[u8], retry_after: Option<Duration>) -> InstantError {
     let (kind, message) = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(v) if v.is_object() => (
-            v.get("type").and_then(|t| t.as_str()).map(String::from),
-            v.get("message")
+        Ok(v) if v.is_object() => {
+            let mut message = v
+                .get("message")
                 .and_then(|t| t.as_str())
                 .map(String::from)
-                .unwrap_or_else(|| v.to_string()),
-        ),
+                .unwrap_or_else(|| v.to_string());
+            // Older servers say only "Validation failed for tx-step" and put the reason in
+            // `hint.errors[].message`.
+            for e in v["hint"]["errors"].as_array().into_iter().flatten() {
+                if let Some(m) = e["message"].as_str().filter(|m| !message.contains(*m)) {
+                    message.push_str(": ");
+                    message.push_str(m);
+                }
+            }
+            (
+                v.get("type").and_then(|t| t.as_str()).map(String::from),
+                message,
+            )
+        }
         _ => {
             let text = String::from_utf8_lossy(body);
             let text: String = text.trim().chars().take(300).collect();
@@ -224,6 +236,14 @@ mod tests {
         )
         .into_core(&Op::Patch(Missing::Sandbox, "s".into()));
         assert_eq!(e.code(), "sandbox_not_found");
+    }
+
+    #[test]
+    fn reasons_given_only_in_the_hint_are_read() {
+        let body = br#"{"type":"validation-failed","message":"Validation failed for tx-step",
+            "hint":{"data-type":"tx-step","errors":[{"message":"Creating entities that exist: 1"}]}}"#;
+        let e = from_body(400, body, None).into_core(&Op::Insert(Missing::Sandbox, "s".into()));
+        assert_eq!(e.code(), "sandbox_exists");
     }
 
     #[test]

@@ -297,7 +297,14 @@ fn error_body(kind: &str, message: &str) -> Value {
 }
 
 fn bad_request(kind: &str, message: &str) -> Response {
-    (StatusCode::BAD_REQUEST, Json(error_body(kind, message))).into_response()
+    let body = if kind == "validation-failed" {
+        // The server's shape: a summary naming the input, the reasons in `hint.errors`.
+        json!({"type": kind, "message": format!("Validation failed for tx-step: {message}"),
+            "hint": {"data-type": "tx-step", "errors": [{"message": message}]}})
+    } else {
+        error_body(kind, message)
+    };
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
 /// Logging, faults, latency and the admin auth check, in front of every route.
