@@ -90,6 +90,13 @@ pub(crate) async fn start(
     name: &str,
     req: ExecRequest,
 ) -> Result<Execution> {
+    if req.argv.first().is_none_or(|a| a.is_empty()) {
+        return Err(Error::invalid(
+            "sandbox_command_required",
+            "a command is required",
+        ));
+    }
+    sandbox_core::shell::validate_env(&req.env)?;
     let mut socket = client.connect_exec(name, &query(&req)).await?;
     if let Some(stdin) = &req.stdin {
         for chunk in stdin.chunks(STDIN_FRAME) {

@@ -123,6 +123,44 @@ async fn a_create_whose_sprite_exists_reuses_it() {
 }
 
 #[tokio::test]
+async fn the_create_requests_own_section_applies() {
+    let emu = emulator().await;
+    let p = provider(&emu);
+    let made = p
+        .create(&CreateRequest {
+            sandbox_id: SandboxId::new(),
+            config: SandboxConfig::from_json(
+                r#"{"sprites":{"name":"from-request","urlSettings":{"auth":"public"},"deleteOnStop":false}}"#,
+            )
+            .unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(made.external_id, "from-request");
+    assert_eq!(made.params["urlSettings"]["auth"], "public");
+    assert_eq!(made.params["deleteOnStop"], false);
+    assert!(
+        !made.params.to_string().contains(TOKEN),
+        "params hold no secret"
+    );
+}
+
+#[tokio::test]
+async fn bad_exec_input_is_rejected_before_any_request() {
+    let emu = emulator().await;
+    let sb = create(&provider(&emu)).await.unwrap().handle;
+    emu.clear_requests();
+    let e = sb
+        .exec(ExecRequest::new(["env"]).env("BAD-KEY", "v"))
+        .await
+        .expect_err("invalid env key");
+    assert_eq!(e.code(), "sandbox_env_key_invalid:BAD-KEY");
+    let e = sb.exec(ExecRequest::default()).await.expect_err("no argv");
+    assert_eq!(e.code(), "sandbox_command_required");
+    assert_eq!(emu.request_count(), 0);
+}
+
+#[tokio::test]
 async fn a_429_with_retry_after_is_waited_out() {
     let emu = emulator().await;
     emu.rate_limit_next(1, Duration::from_millis(1200));
