@@ -54,6 +54,15 @@
 //! [`sandbox_core::RetryPolicy`] only where that is safe (reads, whole-file writes, deletes,
 //! creates by name, refused exec handshakes; checkpoint creation only on 429).
 //!
+//! # Testing
+//!
+//! `sandbox_testkit::sprites::SpritesEmulator` (feature `emulator-sprites`) serves this API on
+//! `127.0.0.1:0` and runs commands for real through the `local` provider; point
+//! `SPRITES_API_BASE_URL` at its `base_url()`. This crate's tests run the provider conformance
+//! suite, the fault switches (5xx, 429 with `Retry-After`, dropped and truncated exec,
+//! malformed JSON, NDJSON `error` events) and `sandbox run --provider sprites` against it;
+//! `cargo bench -p sandbox-sprites --bench round_trips` prints round trips per operation.
+//!
 //! # Example
 //!
 //! ```no_run
