@@ -530,3 +530,90 @@ fn cond_holds(values: &[Value], cond: &Value) -> Result<bool, DbError> {
     }
     Ok(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: &str = "3f1c2b7e-8d4a-4c1e-9b2f-0a1b2c3d4e5f";
+    const P1: &str = "9b1c2c3e-0000-4000-8000-000000000001";
+    const P2: &str = "9b1c2c3e-0000-4000-8000-000000000002";
+
+    fn db() -> Db {
+        let mut db = Db::default();
+        db.transact(&[
+            json!(["update", "sandbox_sandboxes", S, {"status": "active", "params": {"a": {"b": 1}}}]),
+            json!(["create", "sandbox_processes", P1, {"status": "running", "startedAt": 2}]),
+            json!(["create", "sandbox_processes", P2, {"status": "exited", "startedAt": 1}]),
+            json!(["link", "sandbox_processes", P1, {"sandbox": S}]),
+            json!(["link", "sandbox_sandboxes", S, {"processes": [P2]}]),
+        ])
+        .unwrap();
+        db
+    }
+
+    fn ids(v: &Value, ns: &str) -> Vec<String> {
+        v[ns]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn where_on_link_paths_order_and_limit() {
+        let db = db();
+        let q = json!({"sandbox_processes": {"$": {"where": {"sandbox.id": S}, "order": {"startedAt": "asc"}}}});
+        assert_eq!(ids(&db.query(&q).unwrap(), "sandbox_processes"), [P2, P1]);
+        let q = json!({"sandbox_processes": {"$": {"where": {"status": {"$in": ["running"]}}, "limit": 5}}});
+        assert_eq!(ids(&db.query(&q).unwrap(), "sandbox_processes"), [P1]);
+        let q = json!({"sandbox_sandboxes": {"processes": {"$": {"where": {"status": "exited"}}}}});
+        let r = db.query(&q).unwrap();
+        assert_eq!(ids(&r["sandbox_sandboxes"][0], "processes"), [P2]);
+        let q = json!({"sandbox_sandboxes": {"processes": {"$": {"limit": 1}}}});
+        assert_eq!(db.query(&q).unwrap_err().kind, "validation-failed");
+    }
+
+    #[test]
+    fn merge_unlink_delete_and_atomicity() {
+        let mut db = db();
+        db.transact(&[json!(["merge", "sandbox_sandboxes", S, {"params": {"a": {"c": 2}}}])])
+            .unwrap();
+        assert_eq!(
+            db.get("sandbox_sandboxes", S).unwrap()["params"],
+            json!({"a": {"b": 1, "c": 2}})
+        );
+        db.transact(&[json!(["unlink", "sandbox_processes", P1, {"sandbox": [S]}])])
+            .unwrap();
+        let q = json!({"sandbox_processes": {"$": {"where": {"sandbox.id": S}}}});
+        assert_eq!(ids(&db.query(&q).unwrap(), "sandbox_processes"), [P2]);
+        db.transact(&[json!(["delete", "sandbox_processes", P2, null])])
+            .unwrap();
+        assert!(db.get("sandbox_processes", P2).is_none());
+
+        let before = db.get("sandbox_sandboxes", S).cloned();
+        let e = db
+            .transact(&[
+                json!(["update", "sandbox_sandboxes", S, {"status": "shutdown"}]),
+                json!(["create", "sandbox_processes", P1, {"status": "x"}]),
+            ])
+            .unwrap_err();
+        assert!(e.message.contains("Creating entities that exist"));
+        assert_eq!(
+            db.get("sandbox_sandboxes", S).cloned(),
+            before,
+            "nothing applied"
+        );
+        let e = db
+            .transact(&[
+                json!(["update", "sandbox_processes", P2, {"status": "x"}, {"upsert": false}]),
+            ])
+            .unwrap_err();
+        assert!(e.message.contains("Updating entities that don't exist"));
+        let e = db
+            .transact(&[json!(["update", "sandbox_processes", P1, {"command": "a\u{0}b"}])])
+            .unwrap_err();
+        assert_eq!(e.kind, "validation-failed");
+    }
+}
