@@ -169,3 +169,26 @@ async fn network_is_cut_unless_the_sandbox_declares_ports_or_network() {
 fn uuid_like() -> String {
     format!("{}-{}", std::process::id(), sandbox_core::SandboxId::new())
 }
+
+#[tokio::test]
+async fn device_nodes_and_mounts_are_refused_even_to_a_root_caller() {
+    for mode in common::modes(ISOLATED).await {
+        let (_root, _p, sb) = common::sandbox(mode, "").await;
+        // 8:0 is the first SCSI/virtio disk: a node for it would open the host's disk.
+        let ran = run(
+            sb.handle.as_ref(),
+            sh("mknod disk b 8 0 && echo made-node; mkdir m; mount -t tmpfs none m && echo mounted; \
+                mount -o remount,rw /usr && echo remounted; true"),
+        )
+        .await;
+        assert!(!ran.stdout.contains("made-node"), "{mode}: {ran:?}");
+        assert!(!ran.stdout.contains("mounted"), "{mode}: {ran:?}");
+        assert!(
+            !std::path::Path::new(sb.handle.workspace())
+                .join("disk")
+                .exists(),
+            "{mode}"
+        );
+        sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+}

@@ -70,6 +70,12 @@ fn namespace_args(network: bool) -> Vec<&'static str> {
     if !network {
         args.push("--unshare-net");
     }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // bwrap run by root keeps root's capabilities inside; with them a command could
+        // remount the read-only binds or mknod and mount the host's disk.
+        args.extend(["--cap-drop", "ALL"]);
+    }
     args
 }
 

@@ -34,6 +34,11 @@ const WRITABLE_DEVICES: &[&str] = &[
     "/dev/urandom",
 ];
 
+/// Everything in the workspace and the private tmp but device nodes.
+fn sandbox_rights() -> landlock::BitFlags<AccessFs> {
+    AccessFs::from_all(TESTED_ABI) & !(AccessFs::MakeChar | AccessFs::MakeBlock)
+}
+
 /// Files of /proc that say nothing about other processes.
 const READABLE_PROC_FILES: &[&str] = &[
     "/proc/cpuinfo",
@@ -122,15 +127,9 @@ pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Re
         }
     }
     created = created
-        .add_rule(PathBeneath::new(
-            path_fd(workspace)?,
-            AccessFs::from_all(TESTED_ABI),
-        ))
+        .add_rule(PathBeneath::new(path_fd(workspace)?, sandbox_rights()))
         .map_err(|e| fail("workspace", &e))?
-        .add_rule(PathBeneath::new(
-            path_fd(private_tmp)?,
-            AccessFs::from_all(TESTED_ABI),
-        ))
+        .add_rule(PathBeneath::new(path_fd(private_tmp)?, sandbox_rights()))
         .map_err(|e| fail("tmp", &e))?;
     for dev in WRITABLE_DEVICES {
         if let Ok(fd) = PathFd::new(dev) {
@@ -148,11 +147,12 @@ pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Re
 pub(crate) fn command(launch: &Launch<'_>, ruleset: Arc<OwnedFd>) -> Command {
     let mut cmd = super::none::command(launch);
     let raw = ruleset.as_raw_fd();
-    // SAFETY: the closure only makes two raw syscalls (async-signal-safe) and builds an
-    // io::Error from errno; `ruleset` is kept alive by the closure until the spawn is done.
+    // SAFETY: the closure only makes raw syscalls (async-signal-safe) and builds io::Errors
+    // from errno; `ruleset` is kept alive by the closure until the spawn is done.
     unsafe {
         cmd.pre_exec(move || {
             let _keep_open = &ruleset;
+            drop_capabilities()?;
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -163,4 +163,54 @@ pub(crate) fn command(launch: &Launch<'_>, ruleset: Arc<OwnedFd>) -> Command {
         });
     }
     cmd
+}
+
+/// Drops every capability (bounding, ambient, effective, permitted, inheritable). A root
+/// caller's commands would otherwise keep root's capabilities under Landlock (raw devices,
+/// `ptrace`, ...). Raw syscalls only: this runs between fork and exec.
+///
+/// # Safety
+/// Only for a freshly forked child.
+unsafe fn drop_capabilities() -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    // SAFETY: plain syscalls on this process; failures are harmless (an unprivileged caller has
+    // no capability to drop) except capset's, which is reported.
+    unsafe {
+        for cap in 0..64 {
+            // EINVAL past the last capability, EPERM without CAP_SETPCAP: nothing to drop.
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        let mut header = Header {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
