@@ -87,9 +87,13 @@ struct LogRow {
 impl LogRow {
     fn load(conn: &Connection, id: &ProcessId) -> rusqlite::Result<Option<LogRow>> {
         conn.prepare_cached(
-            "SELECT streamId, state, abortReason, entries, bytes, writerPid, writerStartTime, \
-             writerBootId, writerPidNamespace, writerToken, writerReleasedAt \
-             FROM sandbox_process_logs WHERE processId = ?",
+            "SELECT l.streamId, l.state, l.abortReason, last.seq, \
+             last.byteOffset + last.byteLength, l.writerPid, l.writerStartTime, l.writerBootId, \
+             l.writerPidNamespace, l.writerToken, l.writerReleasedAt \
+             FROM sandbox_process_logs AS l \
+             LEFT JOIN (SELECT seq, byteOffset, byteLength FROM sandbox_process_chunks \
+                        WHERE processId = ?1 ORDER BY seq DESC LIMIT 1) AS last \
+             WHERE l.processId = ?1",
         )?
         .query_row([id.to_string()], |r| {
             let state: String = r.get(1)?;
@@ -103,8 +107,8 @@ impl LogRow {
             Ok(LogRow {
                 stream_id: r.get(0)?,
                 state,
-                entries: r.get::<_, i64>(3)? as u64,
-                bytes: r.get::<_, i64>(4)? as u64,
+                entries: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                bytes: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
                 writer: WriterIdentity {
                     pid: r.get::<_, i64>(5)? as u32,
                     start_time: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
@@ -268,24 +272,22 @@ fn append_tx(
     let pid = id.to_string();
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO sandbox_process_chunks (processId, seq, byteOffset, at, \"type\", line) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandbox_process_chunks \
+             (processId, seq, byteOffset, byteLength, at, \"type\", line) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )?;
         for (e, (at, kind)) in batch.iter().zip(heads) {
             insert.execute(rusqlite::params![
                 pid,
                 e.seq as i64,
                 e.offset as i64,
+                e.line.len() as i64,
                 at,
                 kind,
                 e.line
             ])?;
         }
     }
-    tx.prepare_cached(
-        "UPDATE sandbox_process_logs SET entries = ?, bytes = ? WHERE processId = ?",
-    )?
-    .execute(rusqlite::params![(seq - 1) as i64, off as i64, pid])?;
     tx.commit()?;
     Ok(())
 }
@@ -468,7 +470,11 @@ impl StreamSink for SqliteSink {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let pid = id.to_string();
                 let exists = tx
-                    .query_row("SELECT 1 FROM sandbox_process_logs WHERE processId = ?", [&pid], |_| Ok(()))
+                    .query_row(
+                        "SELECT 1 FROM sandbox_process_logs WHERE processId = ?",
+                        [&pid],
+                        |_| Ok(()),
+                    )
                     .optional()?
                     .is_some();
                 if exists {
@@ -481,9 +487,9 @@ impl StreamSink for SqliteSink {
                 }
                 let me = liveness::current();
                 tx.execute(
-                    "INSERT INTO sandbox_process_logs (processId, streamId, state, entries, bytes, \
-                     openedAt, writerPid, writerStartTime, writerBootId, writerPidNamespace, writerToken) \
-                     VALUES (?, ?, 'open', 0, 0, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO sandbox_process_logs (processId, streamId, state, openedAt, \
+                     writerPid, writerStartTime, writerBootId, writerPidNamespace, writerToken) \
+                     VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?)",
                     rusqlite::params![
                         pid,
                         s,

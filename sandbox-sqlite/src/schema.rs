@@ -74,8 +74,6 @@ CREATE TABLE sandbox_process_logs (
     streamId           TEXT NOT NULL,
     state              TEXT NOT NULL CHECK (state IN ('open', 'closed', 'aborted')),
     abortReason        TEXT,
-    entries            INTEGER NOT NULL,
-    bytes              INTEGER NOT NULL,
     openedAt           INTEGER NOT NULL,
     finishedAt         INTEGER,
     flushedAt          INTEGER,
@@ -87,17 +85,20 @@ CREATE TABLE sandbox_process_logs (
     writerReleasedAt   INTEGER  -- set when the writer object was dropped without close
 ) STRICT;
 
--- One row per chunk: the NDJSON line as written, plus its type and time for queries.
+-- One row per chunk: the NDJSON line as written, plus its type and time for queries. The
+-- log's length is that of its last chunk (byteOffset + byteLength): no counter row is
+-- rewritten on every append.
 CREATE TABLE sandbox_process_chunks (
     processId  TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     byteOffset INTEGER NOT NULL,
+    byteLength INTEGER NOT NULL,
     at         TEXT,
     "type"     TEXT,
     line       TEXT NOT NULL
 ) STRICT;
 CREATE UNIQUE INDEX sandbox_process_chunks_seq ON sandbox_process_chunks (processId, seq);
-CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (processId, byteOffset);
+CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (processId, byteOffset, seq);
 "#];
 
 /// Checks that `conn` holds a sandbox database this code can use, and migrates it to
