@@ -157,18 +157,20 @@ impl InstantStore {
                 }
             }
         }
-        let key = |v: &Value| {
-            (
-                v.get(order_attr)
-                    .and_then(Value::as_i64)
-                    .unwrap_or(i64::MIN),
-                v.get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            )
+        // Missing values first, as the server sorts; numbers compared as numbers, whatever
+        // their JSON spelling.
+        let time = |v: &Value| {
+            v.get(order_attr)
+                .and_then(Value::as_f64)
+                .unwrap_or(f64::NEG_INFINITY)
         };
-        found.sort_by_key(key);
+        let id = |v: &Value| {
+            v.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        found.sort_by(|a, b| time(a).total_cmp(&time(b)).then_with(|| id(a).cmp(&id(b))));
         if let Some(n) = limit {
             found.truncate(n);
         }
