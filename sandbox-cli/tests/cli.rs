@@ -919,3 +919,23 @@ fn readme_commands_exist_as_written() {
         );
     }
 }
+
+#[test]
+fn version_and_usage_errors() {
+    let home = Home::new();
+    let out = home.ok(&["--version"]);
+    assert_eq!(out.trim(), format!("sandbox {}", env!("CARGO_PKG_VERSION")));
+    let usage = home.cmd().output().unwrap();
+    assert_eq!(
+        usage.status.code(),
+        Some(2),
+        "no subcommand is a usage error"
+    );
+    let usage = home.cmd().args(["run"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2), "run needs a command");
+    assert_eq!(
+        home.json(&["ls"]),
+        serde_json::json!([]),
+        "usage errors change nothing"
+    );
+}
