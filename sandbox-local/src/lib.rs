@@ -16,8 +16,8 @@
 //!
 //! | mode       | what confines a command                                                           |
 //! |------------|-----------------------------------------------------------------------------------|
-//! | `bwrap`    | bubblewrap: new mount, pid, ipc, uts namespaces; system directories read-only; the workspace read-write; a private `/tmp`; the network unshared unless the sandbox declares ports or `network: true` |
-//! | `landlock` | Landlock: writes only in the workspace and the private tmp; no per-process files of `/proc` (another process's `environ` would leak the caller's secrets); no signals to processes outside (kernel ABI 6+); no TCP unless ports or `network: true` (ABI 4+) |
+//! | `bwrap`    | bubblewrap: new mount, pid, ipc, uts namespaces; system directories (`/usr`, `/etc`, `/opt`, ...) read-only and nothing else of the host (no home, no other sandbox); the workspace read-write; a private `/tmp`; the network unshared unless the sandbox declares ports or `network: true`; no capabilities |
+//! | `landlock` | Landlock: writes only in the workspace and the private tmp; nothing read from the caller's home, the other sandboxes or per-process files of `/proc` (another process's `environ` would leak the caller's secrets); no signals to processes outside (kernel ABI 6+); no TCP unless ports or `network: true` (ABI 4+); no capabilities |
 //! | `none`     | nothing: a plain child process; the sandbox record carries a warning              |
 //!
 //! `auto` (the default) picks bwrap, else landlock, else none with the warning. Asking for a

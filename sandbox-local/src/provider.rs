@@ -47,6 +47,11 @@ impl Layout {
         }
     }
 
+    /// The directory holding every sandbox.
+    pub(crate) fn root(&self) -> PathBuf {
+        self.dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+
     /// Creates the directories (idempotent): the sandbox directory is private to its owner.
     pub(crate) fn create(&self) -> std::io::Result<()> {
         let mut private = std::fs::DirBuilder::new();
@@ -267,8 +272,12 @@ impl SandboxContext {
         if let Some(fd) = cached.as_ref() {
             return Ok(fd.clone());
         }
-        let fd =
-            isolation::landlock::ruleset(&self.layout.workspace, &self.layout.tmp, self.network)?;
+        let fd = isolation::landlock::ruleset(
+            &self.layout.workspace,
+            &self.layout.tmp,
+            &self.layout.root(),
+            self.network,
+        )?;
         *cached = Some(fd.clone());
         Ok(fd)
     }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{run, sh};
-use sandbox_core::{FileWrite, SandboxConfig, StopMode};
+use sandbox_core::{FileWrite, Provider, SandboxConfig, StopMode};
 use sandbox_local::Isolation;
 use std::os::unix::fs::symlink;
 
@@ -190,5 +190,55 @@ async fn device_nodes_and_mounts_are_refused_even_to_a_root_caller() {
             "{mode}"
         );
         sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_callers_home_and_other_sandboxes_are_not_readable() {
+    let home = dirs::home_dir().expect("the caller has a home directory");
+    let Ok(mut secret) = tempfile::NamedTempFile::new_in(&home) else {
+        eprintln!(
+            "SKIPPED: cannot create a file in the caller's home {}",
+            home.display()
+        );
+        return;
+    };
+    std::io::Write::write_all(&mut secret, b"home-secret-7c1d").unwrap();
+    for mode in common::modes(ISOLATED).await {
+        let (root, p, a) = common::sandbox(mode, "").await;
+        let b = p
+            .create(&sandbox_core::CreateRequest {
+                sandbox_id: sandbox_core::SandboxId::new(),
+                config: common::config(mode, ""),
+            })
+            .await
+            .unwrap();
+        let other = format!("{}/neighbour.txt", b.handle.workspace());
+        b.handle
+            .write_files(vec![FileWrite::new(other.clone(), "neighbour-secret-9e2a")])
+            .await
+            .unwrap();
+        let req = sh("cat \"$HOME_FILE\" \"$OTHER_FILE\"; true")
+            .env("HOME_FILE", secret.path().to_string_lossy())
+            .env("OTHER_FILE", &other);
+        let ran = run(a.handle.as_ref(), req).await;
+        assert!(
+            !ran.stdout.contains("home-secret"),
+            "{mode}: read the caller's home"
+        );
+        assert!(
+            !ran.stdout.contains("neighbour-secret"),
+            "{mode}: read another sandbox"
+        );
+        // The sandbox still reads its own files and the system's.
+        let ran = run(
+            a.handle.as_ref(),
+            sh("echo mine > f && cat f /etc/hostname >/dev/null && cat f"),
+        )
+        .await;
+        assert_eq!(ran.stdout, "mine\n", "{mode}: {ran:?}");
+        a.handle.stop(StopMode::Delete).await.unwrap();
+        b.handle.stop(StopMode::Delete).await.unwrap();
+        drop(root);
     }
 }

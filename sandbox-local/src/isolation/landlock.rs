@@ -9,7 +9,7 @@
 //! fork and exec.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use landlock::{
@@ -78,7 +78,12 @@ pub(crate) fn detect() -> std::result::Result<i32, String> {
 /// Builds the ruleset of a sandbox: read and execute everywhere but in /proc (a few global
 /// files excepted), everything in the workspace and the private tmp, writes to a few harmless
 /// devices.
-pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Result<Arc<OwnedFd>> {
+pub(crate) fn ruleset(
+    workspace: &Path,
+    private_tmp: &Path,
+    sandboxes_root: &Path,
+    network: bool,
+) -> Result<Arc<OwnedFd>> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         Error::provider(
             crate::LOCAL,
@@ -96,8 +101,8 @@ pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Re
             .map_err(|e| fail("network rights", &e))?;
     }
     let path_fd = |p: &Path| PathFd::new(p).map_err(|e| fail(&p.display().to_string(), &e));
-    // Listing any directory is allowed; reading files everywhere except /proc, where other
-    // processes' `environ` would hand out the caller's secrets.
+    // Listing any directory is allowed; reading files everywhere except /proc (another
+    // process's `environ` holds the caller's secrets), the caller's home and the other sandboxes.
     let mut created = attr
         .create()
         .map_err(|e| fail("create", &e))?
@@ -106,12 +111,10 @@ pub(crate) fn ruleset(workspace: &Path, private_tmp: &Path, network: bool) -> Re
             AccessFs::ReadDir,
         ))
         .map_err(|e| fail("/", &e))?;
-    let top_level = std::fs::read_dir("/").map_err(|e| fail("/", &e))?;
-    for entry in top_level.flatten() {
-        let path = entry.path();
-        if path == Path::new("/proc") {
-            continue;
-        }
+    let mut hidden = vec![PathBuf::from("/proc")];
+    hidden.extend(dirs::home_dir().and_then(|h| h.canonicalize().ok()));
+    hidden.extend(sandboxes_root.canonicalize().ok());
+    for path in readable_paths(Path::new("/"), &hidden) {
         // Entries that vanish or cannot be opened (dangling symlinks) are simply not granted.
         if let Ok(fd) = PathFd::new(&path) {
             created = created
@@ -165,6 +168,32 @@ pub(crate) fn command(launch: &Launch<'_>, ruleset: Arc<OwnedFd>) -> Command {
     cmd
 }
 
+/// The entries under `dir` to grant reading so that nothing in `hidden` (canonical paths) is
+/// readable: siblings of hidden paths are granted whole, their ancestors are descended into.
+fn readable_paths(dir: &Path, hidden: &[PathBuf]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut granted = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+        let is_symlink = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if hidden.iter().any(|h| *h == real || *h == path) {
+            continue;
+        }
+        if hidden.iter().any(|h| h.starts_with(&real)) {
+            // A symlink to an ancestor is reached again through its real path.
+            if !is_symlink {
+                granted.extend(readable_paths(&path, hidden));
+            }
+            continue;
+        }
+        granted.push(path);
+    }
+    granted
+}
+
 /// Drops every capability (bounding, ambient, effective, permitted, inheritable). A root
 /// caller's commands would otherwise keep root's capabilities under Landlock (raw devices,
 /// `ptrace`, ...). Raw syscalls only: this runs between fork and exec.
@@ -213,4 +242,23 @@ unsafe fn drop_capabilities() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_paths_and_only_them_are_left_out_of_the_readable_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        for d in ["home/alice/.ssh", "home/bob", "usr/bin", "srv/sandboxes/a"] {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(base.join("home"), base.join("users")).unwrap();
+        let hidden = [base.join("home/alice"), base.join("srv/sandboxes")];
+        let mut granted = readable_paths(&base, &hidden);
+        granted.sort();
+        assert_eq!(granted, [base.join("home/bob"), base.join("usr")]);
+    }
 }

@@ -4,7 +4,7 @@
 //! | mode       | confinement                                                                  |
 //! |------------|------------------------------------------------------------------------------|
 //! | `bwrap`    | mount, pid, ipc, uts namespaces (+ net unless ports/network); system dirs read-only; workspace read-write; private `/tmp` |
-//! | `landlock` | writes only in the workspace and the private tmp; no per-process `/proc` files; no signals outside; TCP denied unless ports/network |
+//! | `landlock` | writes only in the workspace and the private tmp; no reads of the caller's home, other sandboxes, per-process `/proc` files; no signals outside; TCP denied unless ports/network |
 //! | `none`     | none: an ordinary child process (reported as a warning on the sandbox)       |
 
 use std::collections::BTreeMap;
