@@ -21,8 +21,9 @@ use crate::config::{Location, SqliteConfig};
 use crate::error::{self, DbError, DbResult};
 use crate::schema;
 
-/// Idle connections kept per database.
-const MAX_IDLE: usize = 8;
+/// Operations of one database running at once (and so its connections, all kept open): SQLite
+/// serialises writers anyway, and a cap keeps a burst of tasks from opening a connection each.
+const MAX_CONCURRENT: usize = 8;
 
 /// First 16 bytes of every SQLite database file.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -35,6 +36,7 @@ pub(crate) struct Db {
     /// Identifies this database among all open in this OS process (for notifications).
     pub(crate) key: String,
     idle: Mutex<Vec<Connection>>,
+    permits: tokio::sync::Semaphore,
     /// The single connection of an in-memory database.
     memory: Option<Mutex<Connection>>,
     /// Background checkpoints of a file database.
@@ -68,6 +70,7 @@ impl Db {
                     key: format!("memory:{}", uuid::Uuid::new_v4()),
                     label,
                     idle: Mutex::new(Vec::new()),
+                    permits: tokio::sync::Semaphore::new(MAX_CONCURRENT),
                     memory: Some(Mutex::new(conn)),
                     checkpointer: None,
                 }))
@@ -90,6 +93,7 @@ impl Db {
                     key,
                     label,
                     idle: Mutex::new(vec![conn]),
+                    permits: tokio::sync::Semaphore::new(MAX_CONCURRENT),
                     memory: None,
                     checkpointer,
                 }))
@@ -116,6 +120,8 @@ impl Db {
         T: Send + 'static,
         F: FnMut(&mut Connection) -> DbResult<T> + Send + 'static,
     {
+        // The semaphore is never closed, so `acquire` cannot fail.
+        let _permit = self.permits.acquire().await.ok();
         let db = self.clone();
         match tokio::task::spawn_blocking(move || db.run_blocking(operation, op)).await {
             Ok(r) => r,
@@ -141,7 +147,8 @@ impl Db {
             match result {
                 Err(e) if e.is_busy() && start.elapsed() < self.config.busy_deadline => {
                     tracing::debug!(location = %self.label, operation, "database busy, retrying");
-                    std::thread::sleep(backoff + Duration::from_micros(fastrand_jitter()));
+                    // Jitter, so two busy writers do not retry in lockstep.
+                    std::thread::sleep(backoff + Duration::from_micros(fastrand::u64(0..500)));
                     backoff = (backoff * 2).min(Duration::from_millis(200));
                 }
                 other => return other.map_err(|e| e.into_core(&self.label, operation)),
@@ -168,17 +175,12 @@ impl Db {
         // A connection stuck in a transaction (should not happen) is not reused.
         if conn.is_autocommit() {
             let mut idle = lock(&self.idle);
-            if idle.len() < MAX_IDLE {
+            if idle.len() < MAX_CONCURRENT {
                 idle.push(conn);
             }
         }
         r
     }
-}
-
-/// A few hundred microseconds of jitter so two busy writers do not retry in lockstep.
-fn fastrand_jitter() -> u64 {
-    (uuid::Uuid::new_v4().as_u128() % 500) as u64
 }
 
 /// Creates a missing file with mode 0600; refuses an existing file that is not a database.
