@@ -24,6 +24,17 @@
 //! mode the machine does not offer is an error, never a silent downgrade. Bubblewrap is detected
 //! by running it once (user namespaces may be disabled even where it is installed).
 //!
+//! # Limits
+//!
+//! - Under `landlock` and `none`, a process that leaves its process group (`setsid`,
+//!   `setpgid`) survives a timeout, a kill and `stop`; under `bwrap` the pid namespace ends with
+//!   the command, so nothing survives.
+//! - Under `bwrap`, a command killed by a signal *inside* the sandbox is reported as exit code
+//!   `128 + n` (bubblewrap's own exit status); timeouts and kills report `SIGKILL`.
+//! - Under `landlock`, per-process files of `/proc` (`/proc/self/...` included) cannot be read.
+//! - When a command ends, whatever it left running in its process group is killed with it.
+//! - `restore` swaps the workspace directory: commands still running keep the old one.
+//!
 //! # Capabilities
 //!
 //! | capability    | local | notes                                                        |
