@@ -130,8 +130,10 @@ pub(crate) fn from_status(
 ) -> Error {
     let detail = body.summary(status);
     if status == 404 {
+        // Filesystem endpoints say ENOENT for a missing path; any other 404 is the sprite (or
+        // the checkpoint named) itself.
         return match subject {
-            Subject::File(_, path) => Error::NotFound {
+            Subject::File(_, path) if body.is_enoent() => Error::NotFound {
                 what: Missing::File,
                 id: path.to_string(),
                 hint: Some(format!("{operation}: {detail}")),
@@ -141,9 +143,9 @@ pub(crate) fn from_status(
                 id: id.to_string(),
                 hint: Some(format!("sprite {sprite}: {detail}")),
             },
-            Subject::Sprite(sprite) => Error::NotFound {
+            _ => Error::NotFound {
                 what: Missing::Sandbox,
-                id: format!("sprite {sprite}"),
+                id: format!("sprite {}", subject.sprite()),
                 hint: Some(format!("{operation}: {detail}")),
             },
         };
@@ -249,14 +251,21 @@ mod tests {
             None,
         );
         assert_eq!(e.code(), "sandbox_not_found");
+        let enoent = ErrorBody::parse(br#"{"error":"no such file","code":"ENOENT"}"#);
+        let e = from_status("write", Subject::File("s1", "/a/b"), 404, &enoent, None);
+        assert_eq!(e.code(), "sandbox_file_not_found");
         let e = from_status(
-            "read",
-            Subject::File("s1", "/a"),
+            "write",
+            Subject::File("s1", "/a/b"),
             404,
             &ErrorBody::default(),
             None,
         );
-        assert_eq!(e.code(), "sandbox_file_not_found");
+        assert_eq!(
+            e.code(),
+            "sandbox_not_found",
+            "a 404 without ENOENT is the sprite"
+        );
         let e = from_status(
             "restore",
             Subject::Checkpoint("s1", "v9"),
