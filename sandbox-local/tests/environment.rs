@@ -1,6 +1,5 @@
 //! The caller's environment does not reach sandboxed commands: they get the minimal base
 //! (`HOME` = the workspace, `LANG`, `PATH`, `TERM`, `TMPDIR`) plus what the request passes.
-//! A test binary of its own, because it sets a variable in the test process.
 
 mod common;
 
@@ -9,16 +8,24 @@ use sandbox_core::{ExecRequest, StopMode};
 use sandbox_local::Isolation;
 
 #[tokio::test]
-async fn a_secret_in_the_callers_environment_is_not_visible_inside() {
-    // The only test of this binary: nothing else reads the environment concurrently.
-    std::env::set_var("SANDBOX_LOCAL_TEST_SECRET", "hunter2-do-not-leak");
+async fn the_callers_environment_is_not_visible_inside() {
+    // Cargo hands the test process variables of its own: they stand for the caller's secrets
+    // (setting one here would race with the other tests' spawns).
+    let caller_value = std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo");
+    let caller_entry = format!("CARGO_MANIFEST_DIR={caller_value}");
     for mode in common::modes(&Isolation::ALL).await {
         let (_root, _p, sb) = common::sandbox(mode, "").await;
         let ran = run(sb.handle.as_ref(), ExecRequest::new(["env"])).await;
         assert!(ran.exit.success(), "{mode}: {ran:?}");
         assert!(
-            !ran.stdout.contains("hunter2"),
-            "{mode}: secret leaked: {}",
+            !ran.stdout.contains(&caller_entry),
+            "{mode}: the caller's environment leaked: {}",
+            ran.stdout
+        );
+        assert!(
+            ran.stdout
+                .contains(&format!("PATH={}\n", sandbox_local::BASE_PATH)),
+            "{mode}: PATH is not the base one: {}",
             ran.stdout
         );
         let keys: Vec<&str> = ran
