@@ -365,7 +365,23 @@ fn cp_copies_binary_content_both_ways() {
     assert!(out.status.success());
     assert_eq!(out.stdout, content);
 
-    // `-` is stdout.
+    // `-` is stdin as a source...
+    home.cmd()
+        .args(["cp", "-", &format!("{id}:from-stdin.bin")])
+        .write_stdin(content.clone())
+        .assert()
+        .success();
+    let out = home
+        .cmd()
+        .args(["exec", &id, "--", "cmp", "from-stdin.bin", "dir/data.bin"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // ...and stdout as a destination.
     let out = home
         .cmd()
         .args(["cp", &format!("{id}:dir/data.bin"), "-"])
