@@ -29,6 +29,9 @@ const PROCESS_COLUMNS: &str = "id, sandboxId, kind, mode, status, provider, comm
     env, exitCode, signal, externalProcessId, streamId, streamClientId, streamStartedAt, \
     streamFinishedAt, streamAbortReason, startedAt, updatedAt, exitedAt, metadata";
 
+/// Processes whose status is not terminal (`ProcessStatus::is_terminal`).
+const NOT_TERMINAL: &str = "status NOT IN ('exited', 'failed', 'killed', 'lost')";
+
 fn conflict(what: &str, id: impl std::fmt::Display) -> DbError {
     DbError::Domain(Error::Conflict {
         code: format!("{what}_exists"),
@@ -397,7 +400,7 @@ impl RecordStore for SqliteStore {
                 let mut stmt = c.prepare_cached(&format!(
                     "SELECT {PROCESS_COLUMNS} FROM sandbox_processes \
                      WHERE (?1 IS NULL OR sandboxId = ?1) AND (?2 IS NULL OR status = ?2) \
-                     AND (?3 = 0 OR status NOT IN ('exited', 'failed', 'killed', 'lost')) \
+                     AND (?3 = 0 OR {NOT_TERMINAL}) \
                      ORDER BY startedAt, id LIMIT ?4"
                 ))?;
                 let rows = stmt.query_map(
@@ -412,5 +415,23 @@ impl RecordStore for SqliteStore {
                 Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_only_filter_excludes_exactly_the_terminal_statuses() {
+        let terminal: Vec<_> = ProcessStatus::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        assert_eq!(
+            format!("status NOT IN ({})", terminal.join(", ")),
+            NOT_TERMINAL
+        );
     }
 }
