@@ -90,8 +90,9 @@ const CI_STEPS: &[&[&str]] = &[
         "warnings",
     ],
     &["test", "--workspace"],
-    // The facade's registry test with default features only.
+    // The facade's registry test with default features and with every backend.
     &["test", "-p", "sandbox"],
+    &["test", "-p", "sandbox", "--features", "full"],
 ];
 
 fn ci(rest: &[String]) -> Result<(), String> {
