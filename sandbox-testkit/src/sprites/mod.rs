@@ -1,12 +1,12 @@
 //! A stateful emulator of the Sprites API (sprites.dev) on `127.0.0.1:0`.
 //!
 //! It serves the endpoints the `sprites` provider uses with the real wire formats: sprite
-//! CRUD (`/v1/sprites`, snake_case JSON, 201/204/404/409), exec over WebSocket (binary
-//! frames `[stream_id, ...payload]`: `1` stdout, `2` stderr, `3` exit from the server; `0`
-//! stdin, `4` stdin EOF from the client; JSON text control messages), exec session list and
-//! kill, the filesystem API (`fs/write` raw bytes with `mkdirParents`/`mkdir`, `fs/read` with
-//! `ENOENT` bodies), and checkpoints (NDJSON `info`/`complete`/`error` streams, the list as a
-//! bare JSON array). Every request must carry `Authorization: Bearer <token>`.
+//! CRUD (`/v1/sprites`, snake_case JSON, 201/204/404/409); exec over WebSocket (binary frames
+//! `[stream_id, ...payload]`: `1` stdout, `2` stderr, `3` exit from the server; `0` stdin, `4`
+//! stdin EOF from the client; JSON text control messages) and over HTTP (`POST`, the same
+//! frames without length, one per chunk); exec session list and kill; the filesystem API
+//! (`fs/write` raw bytes with `mkdirParents`/`mkdir`, `fs/read` with `ENOENT` bodies); and
+//! checkpoints (NDJSON `info`/`complete`/`error` streams, the list as a bare JSON array). Every request must carry `Authorization: Bearer <token>`.
 //!
 //! Commands run for real through the `local` provider (`sandbox-local`): each sprite is a
 //! local sandbox whose workspace is the sprite's `/` (with `/home/sprite` created), so commands
@@ -59,8 +59,10 @@ use sandbox_local::LocalProvider;
 /// One logged request: method, path (without query) and when it arrived.
 pub type RequestLogEntry = (String, String, Instant);
 
-/// Largest exec stdin and `fs/write` bodies, as the real API.
+/// Largest `fs/write` body, as the real API.
 const MAX_FS_WRITE: usize = 16 * 1024 * 1024;
+/// Largest HTTP exec stdin, as the real API.
+const MAX_EXEC_STDIN: usize = 10 * 1024 * 1024;
 
 /// A running Sprites API emulator. Dropping it stops the server and kills every command it
 /// started.
@@ -199,7 +201,10 @@ impl SpritesEmulator {
         let app = Router::new()
             .route("/v1/sprites", post(create_sprite).get(list_sprites))
             .route("/v1/sprites/{name}", get(get_sprite).delete(delete_sprite))
-            .route("/v1/sprites/{name}/exec", get(exec_or_sessions))
+            .route(
+                "/v1/sprites/{name}/exec",
+                get(exec_or_sessions).post(http_exec),
+            )
             .route("/v1/sprites/{name}/exec/{session}/kill", post(kill_session))
             .route("/v1/sprites/{name}/fs/write", put(fs_write))
             .route("/v1/sprites/{name}/fs/read", get(fs_read))
@@ -899,54 +904,14 @@ async fn exec_or_sessions(
         Ok(ws) => ws,
         Err(e) => return e.into_response(),
     };
-    let mut argv: Vec<String> = q
-        .iter()
-        .filter(|(k, _)| k == "cmd")
-        .map(|(_, v)| v.clone())
-        .collect();
-    if argv.is_empty() {
+    let Some((request, dir)) = exec_request(&fs, &q) else {
         return api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "cmd is required",
+            "cmd is required and dir must be a path",
         );
-    }
-    if let Some(program) = first(&q, "path") {
-        argv[0] = program.to_string();
-    }
-    let dir = first(&q, "dir").unwrap_or("/home/sprite").to_string();
-    let Some(cwd) = host_path(&fs, None, &dir) else {
-        return api_error(StatusCode::BAD_REQUEST, "invalid_request", "invalid dir");
     };
-    // The sprite user's home, unless the caller sets HOME itself.
-    let mut env = BTreeMap::from([(
-        "HOME".to_string(),
-        fs.join("home/sprite").display().to_string(),
-    )]);
-    for (_, v) in q.iter().filter(|(k, _)| k == "env") {
-        if let Some((key, value)) = v.split_once('=') {
-            env.insert(key.to_string(), value.to_string());
-        }
-    }
-    let (drop_conn, truncate) = {
-        let mut f = lock(&shared.faults);
-        let d = f.drop_exec > 0;
-        if d {
-            f.drop_exec -= 1;
-        }
-        let t = !d && f.truncate_exec > 0;
-        if t {
-            f.truncate_exec -= 1;
-        }
-        (d, t)
-    };
-    let request = ExecRequest {
-        argv,
-        cwd: Some(cwd.display().to_string()),
-        env,
-        stdin: None,
-        timeout: None,
-    };
+    let (drop_conn, truncate) = take_exec_faults(&shared);
     let wants_stdin = first(&q, "stdin") == Some("true");
     ws.on_upgrade(move |socket| async move {
         let job = ExecJob {
@@ -959,6 +924,206 @@ async fn exec_or_sessions(
         };
         job.run(socket, request, wants_stdin).await;
     })
+}
+
+/// The command an exec query asks for (`cmd`..., `path`, `dir`, `env`...) and its sprite
+/// directory; `None` without `cmd`.
+fn exec_request(fs: &Path, q: &[(String, String)]) -> Option<(ExecRequest, String)> {
+    let mut argv: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "cmd")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if argv.is_empty() {
+        return None;
+    }
+    if let Some(program) = first(q, "path") {
+        argv[0] = program.to_string();
+    }
+    let dir = first(q, "dir").unwrap_or("/home/sprite").to_string();
+    let cwd = host_path(fs, None, &dir)?;
+    // The sprite user's home, unless the caller sets HOME itself.
+    let mut env = BTreeMap::from([(
+        "HOME".to_string(),
+        fs.join("home/sprite").display().to_string(),
+    )]);
+    for (_, v) in q.iter().filter(|(k, _)| k == "env") {
+        if let Some((key, value)) = v.split_once('=') {
+            env.insert(key.to_string(), value.to_string());
+        }
+    }
+    let request = ExecRequest {
+        argv,
+        cwd: Some(cwd.display().to_string()),
+        env,
+        stdin: None,
+        timeout: None,
+    };
+    Some((request, dir))
+}
+
+/// Consumes the exec faults armed for the next exec: (drop the connection, truncate the exit).
+fn take_exec_faults(shared: &Shared) -> (bool, bool) {
+    let mut f = lock(&shared.faults);
+    let d = f.drop_exec > 0;
+    if d {
+        f.drop_exec -= 1;
+    }
+    let t = !d && f.truncate_exec > 0;
+    if t {
+        f.truncate_exec -= 1;
+    }
+    (d, t)
+}
+
+/// Records a running command of sprite `name`; `None` when the sprite is gone.
+fn register_session(
+    shared: &Shared,
+    name: &str,
+    command: String,
+    workdir: String,
+    control: Option<Arc<dyn ExecControl>>,
+) -> Option<(u64, Arc<Notify>)> {
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let kill = Arc::new(Notify::new());
+    let mut sprites = lock(&shared.sprites);
+    let s = sprites.get_mut(name)?;
+    s.status = "running";
+    s.sessions.insert(
+        id,
+        Session {
+            command,
+            workdir,
+            created: rfc3339_now(),
+            control,
+            kill: kill.clone(),
+        },
+    );
+    Some((id, kill))
+}
+
+fn unregister_session(shared: &Shared, name: &str, id: u64) {
+    if let Some(s) = lock(&shared.sprites).get_mut(name) {
+        s.sessions.remove(&id);
+        if s.sessions.is_empty() {
+            s.status = "warm";
+        }
+    }
+}
+
+/// `POST /v1/sprites/{name}/exec`: the HTTP exec. The body is stdin (with `stdin=true`); the
+/// response is a stream of frames `[stream_id, ...payload]` without length, one per HTTP
+/// chunk, ending with the exit frame `[3, code]`.
+async fn http_exec(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let Some((fs, handle)) = sprite_handle(&shared, &name) else {
+        return no_sprite(&name);
+    };
+    let q = query_pairs(req.uri().query());
+    let Some((mut request, dir)) = exec_request(&fs, &q) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "cmd is required and dir must be a path",
+        );
+    };
+    let body = match axum::body::to_bytes(req.into_body(), MAX_EXEC_STDIN + 1).await {
+        Ok(b) if b.len() <= MAX_EXEC_STDIN => b,
+        _ => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "exec stdin is limited to 10 MiB",
+            )
+        }
+    };
+    if first(&q, "stdin") == Some("true") {
+        request.stdin = Some(body);
+    }
+    let (drop_conn, truncate) = take_exec_faults(&shared);
+    let command = request.argv.join(" ");
+    let mut exec = match handle.exec(request).await {
+        Ok(x) => x,
+        Err(e) => {
+            // What a shell reports for a command it cannot run.
+            let mut frame = vec![2u8];
+            frame.extend_from_slice(format!("{e}\n").as_bytes());
+            let frames = vec![
+                Ok::<_, io::Error>(Bytes::from(frame)),
+                Ok(Bytes::from_static(&[3, 127])),
+            ];
+            return frame_response(Body::from_stream(futures::stream::iter(frames)));
+        }
+    };
+    let Some((session, kill)) =
+        register_session(&shared, &name, command, dir, exec.control.clone())
+    else {
+        return no_sprite(&name);
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let control = exec.control.clone();
+        let kill_command = || async {
+            if let Some(c) = &control {
+                let _ = c.kill().await;
+            }
+        };
+        loop {
+            let event = tokio::select! {
+                ev = exec.events.next() => ev,
+                () = kill.notified() => {
+                    kill_command().await;
+                    continue;
+                }
+                () = tx.closed() => {
+                    kill_command().await;
+                    break;
+                }
+            };
+            let frame = match event {
+                Some(Ok(ExecEvent::Stdout(b))) => [&[1u8][..], &b].concat(),
+                Some(Ok(ExecEvent::Stderr(b))) => [&[2u8][..], &b].concat(),
+                Some(Ok(ExecEvent::Exit(status))) => {
+                    let last = if drop_conn {
+                        Err(io::Error::other("injected drop"))
+                    } else if truncate {
+                        Ok(Bytes::from_static(&[3]))
+                    } else {
+                        Ok(Bytes::from(vec![3u8, exit_code(&status)]))
+                    };
+                    let _ = tx.send(last).await;
+                    break;
+                }
+                // The command was lost: the body ends without an exit frame.
+                Some(Err(_)) | None => {
+                    let _ = tx.send(Err(io::Error::other("command lost"))).await;
+                    break;
+                }
+            };
+            if tx.send(Ok(Bytes::from(frame))).await.is_err() {
+                kill_command().await;
+                break;
+            }
+            if drop_conn {
+                let _ = tx.send(Err(io::Error::other("injected drop"))).await;
+                kill_command().await;
+                break;
+            }
+        }
+        unregister_session(&shared, &name, session);
+    });
+    let frames = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    frame_response(Body::from_stream(frames))
+}
+
+fn frame_response(body: Body) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
 fn list_sessions(shared: &Shared, name: &str) -> Response {
@@ -1064,45 +1229,25 @@ impl ExecJob {
                 return;
             }
         };
-        let session_id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
-        let kill = Arc::new(Notify::new());
-        let registered = {
-            let mut sprites = lock(&self.shared.sprites);
-            match sprites.get_mut(&self.name) {
-                Some(s) => {
-                    s.status = "running";
-                    s.sessions.insert(
-                        session_id,
-                        Session {
-                            command,
-                            workdir: self.dir.clone(),
-                            created: rfc3339_now(),
-                            control: exec.control.clone(),
-                            kill: kill.clone(),
-                        },
-                    );
-                    true
-                }
-                None => false,
-            }
-        };
-        if !registered {
+        let registered = register_session(
+            &self.shared,
+            &self.name,
+            command,
+            self.dir.clone(),
+            exec.control.clone(),
+        );
+        let Some((session_id, kill)) = registered else {
             if let Some(c) = &exec.control {
                 let _ = c.kill().await;
             }
             return;
-        }
+        };
         let info =
             json!({"type": "session_info", "session_id": session_id.to_string(), "tty": false});
         let _ = socket.send(Message::Text(info.to_string().into())).await;
 
         let end = self.pump(&mut socket, &mut exec, &kill).await;
-        if let Some(s) = lock(&self.shared.sprites).get_mut(&self.name) {
-            s.sessions.remove(&session_id);
-            if s.sessions.is_empty() {
-                s.status = "warm";
-            }
-        }
+        unregister_session(&self.shared, &self.name, session_id);
         match end {
             End::Exit(_) if self.truncate => {
                 let _ = socket.send(Message::Binary(vec![3u8].into())).await;
