@@ -6,7 +6,8 @@
 //! stdin EOF from the client; JSON text control messages) and over HTTP (`POST`, the same
 //! frames without length, one per chunk); exec session list and kill; the filesystem API
 //! (`fs/write` raw bytes with `mkdirParents`/`mkdir`, `fs/read` with `ENOENT` bodies); and
-//! checkpoints (NDJSON `info`/`complete`/`error` streams, the list as a bare JSON array). Every request must carry `Authorization: Bearer <token>`.
+//! checkpoints (NDJSON `info`/`complete`/`error` streams, the list as a bare JSON array).
+//! Every request must carry `Authorization: Bearer <token>`.
 //!
 //! Commands run for real through the `local` provider (`sandbox-local`): each sprite is a
 //! local sandbox whose workspace is the sprite's `/` (with `/home/sprite` created), so commands
