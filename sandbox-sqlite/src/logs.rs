@@ -82,6 +82,8 @@ struct LogRow {
     token: String,
     /// The writer object was dropped without closing the log.
     released: bool,
+    /// Key of the log's chunks.
+    log_id: i64,
 }
 
 impl LogRow {
@@ -89,10 +91,10 @@ impl LogRow {
         conn.prepare_cached(
             "SELECT l.streamId, l.state, l.abortReason, last.seq, \
              last.byteOffset + last.byteLength, l.writerPid, l.writerStartTime, l.writerBootId, \
-             l.writerPidNamespace, l.writerToken, l.writerReleasedAt \
+             l.writerPidNamespace, l.writerToken, l.writerReleasedAt, l.logId \
              FROM sandbox_process_logs AS l \
-             LEFT JOIN (SELECT seq, byteOffset, byteLength FROM sandbox_process_chunks \
-                        WHERE processId = ?1 ORDER BY seq DESC LIMIT 1) AS last \
+             LEFT JOIN sandbox_process_chunks AS last ON last.logId = l.logId AND last.seq = \
+                 (SELECT max(seq) FROM sandbox_process_chunks WHERE logId = l.logId) \
              WHERE l.processId = ?1",
         )?
         .query_row([id.to_string()], |r| {
@@ -117,6 +119,7 @@ impl LogRow {
                 },
                 token: r.get(9)?,
                 released: r.get::<_, Option<i64>>(10)?.is_some(),
+                log_id: r.get(11)?,
             })
         })
         .optional()
@@ -152,17 +155,17 @@ fn read_page(
 ) -> DbResult<LogPage> {
     let tx = conn.transaction()?; // deferred: a read snapshot
     let row = LogRow::load(&tx, id)?.ok_or_else(|| no_log(id))?;
-    let pid = id.to_string();
+    let log = row.log_id;
     let first_seq: Option<i64> = match from {
         ReadFrom::Seq(n) => Some(n.max(1).min(i64::MAX as u64) as i64),
         // Offsets grow with seq, so the entries at or after an offset are those from the
         // first seq whose offset reaches it.
         ReadFrom::Offset(o) => tx
             .prepare_cached(
-                "SELECT seq FROM sandbox_process_chunks WHERE processId = ? AND byteOffset >= ? \
+                "SELECT seq FROM sandbox_process_chunks WHERE logId = ? AND byteOffset >= ? \
                  ORDER BY byteOffset, seq LIMIT 1",
             )?
-            .query_row(rusqlite::params![pid, o.min(i64::MAX as u64) as i64], |r| {
+            .query_row(rusqlite::params![log, o.min(i64::MAX as u64) as i64], |r| {
                 r.get(0)
             })
             .optional()?,
@@ -171,10 +174,10 @@ fn read_page(
     if let (Some(first), true) = (first_seq, max > 0) {
         let mut stmt = tx.prepare_cached(
             "SELECT seq, byteOffset, line FROM sandbox_process_chunks \
-             WHERE processId = ? AND seq >= ? ORDER BY seq LIMIT ?",
+             WHERE logId = ? AND seq >= ? ORDER BY seq LIMIT ?",
         )?;
         let limit = max.min(i64::MAX as usize) as i64;
-        let mut rows = stmt.query(rusqlite::params![pid, first, limit])?;
+        let mut rows = stmt.query(rusqlite::params![log, first, limit])?;
         let mut bytes = 0usize;
         while let Some(r) = rows.next()? {
             let line: String = r.get(2)?;
@@ -269,16 +272,15 @@ fn append_tx(
         seq += 1;
         off = e.end();
     }
-    let pid = id.to_string();
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO sandbox_process_chunks \
-             (processId, seq, byteOffset, byteLength, at, \"type\", line) \
+             (logId, seq, byteOffset, byteLength, at, \"type\", line) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )?;
         for (e, (at, kind)) in batch.iter().zip(heads) {
             insert.execute(rusqlite::params![
-                pid,
+                row.log_id,
                 e.seq as i64,
                 e.offset as i64,
                 e.line.len() as i64,
@@ -396,7 +398,9 @@ impl LogAppender for SqliteAppender {
         }
         let (id, token) = (self.process_id, self.token.clone());
         let batch: Vec<_> = entries.to_vec();
-        let bytes: u64 = entries.iter().map(|e| e.line.len() as u64).sum();
+        // What the commit adds to the write-ahead log: the lines plus a few b-tree pages,
+        // which dominate for small chunks.
+        let bytes: u64 = entries.iter().map(|e| e.line.len() as u64).sum::<u64>() + 3 * 4096;
         self.db
             .run("append to log", move |c| {
                 let heads: Vec<_> = batch.iter().map(|e| chunk_head(&e.line)).collect();

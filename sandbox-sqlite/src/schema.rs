@@ -70,7 +70,8 @@ CREATE INDEX sandbox_processes_status ON sandbox_processes (status, startedAt);
 -- One row per process log. The writer* columns identify the OS process holding its single
 -- writer (see the crate docs, "Writer liveness").
 CREATE TABLE sandbox_process_logs (
-    processId          TEXT PRIMARY KEY NOT NULL,
+    logId              INTEGER PRIMARY KEY,
+    processId          TEXT NOT NULL UNIQUE,
     streamId           TEXT NOT NULL,
     state              TEXT NOT NULL CHECK (state IN ('open', 'closed', 'aborted')),
     abortReason        TEXT,
@@ -85,20 +86,21 @@ CREATE TABLE sandbox_process_logs (
     writerReleasedAt   INTEGER  -- set when the writer object was dropped without close
 ) STRICT;
 
--- One row per chunk: the NDJSON line as written, plus its type and time for queries. The
+-- One row per chunk, in (log, seq) order: the NDJSON line as written, plus its type and time
+-- for queries. `logId` (not the 36-byte process id) keeps rows and index entries small. The
 -- log's length is that of its last chunk (byteOffset + byteLength): no counter row is
 -- rewritten on every append.
 CREATE TABLE sandbox_process_chunks (
-    processId  TEXT NOT NULL,
+    logId      INTEGER NOT NULL,  -- sandbox_process_logs.logId
     seq        INTEGER NOT NULL,
     byteOffset INTEGER NOT NULL,
     byteLength INTEGER NOT NULL,
     at         TEXT,
     "type"     TEXT,
-    line       TEXT NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX sandbox_process_chunks_seq ON sandbox_process_chunks (processId, seq);
-CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (processId, byteOffset, seq);
+    line       TEXT NOT NULL,
+    PRIMARY KEY (logId, seq)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (logId, byteOffset, seq);
 "#];
 
 /// Checks that `conn` holds a sandbox database this code can use, and migrates it to
