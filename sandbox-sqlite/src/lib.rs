@@ -59,9 +59,9 @@
 //!   `status`, `provider`, `command`, `args` JSON, `cwd`, `env` JSON, `exitCode`, `signal`,
 //!   `externalProcessId`, `streamId`, `streamClientId`, `streamStartedAt`, `streamFinishedAt`,
 //!   `streamAbortReason`, `startedAt`, `updatedAt`, `exitedAt`, `metadata` JSON);
-//! - `sandbox_process_logs`: one row per log (`processId`, `streamId`, `state`
+//! - `sandbox_process_logs`: one row per log (`logId`, `processId`, `streamId`, `state`
 //!   open/closed/aborted, `abortReason`, times, and the writer's identity);
-//! - `sandbox_process_chunks`: one row per chunk (`processId`, `seq`, `byteOffset`,
+//! - `sandbox_process_chunks`: one row per chunk (`logId`, `seq`, `byteOffset`,
 //!   `byteLength`, `at`, `type`, `line` — the NDJSON line exactly as written). A log's entry
 //!   count and size are those of its last chunk, so an append writes no counter row.
 //!
@@ -78,7 +78,7 @@
 //!
 //! Copying the write-ahead log into the database (a checkpoint, with its fsyncs) is kept out
 //! of the writers' commits: SQLite's automatic checkpoint is off and a background thread per
-//! open file runs a `PASSIVE` checkpoint after every 32 MiB committed or a second of quiet, and
+//! open file runs a `PASSIVE` checkpoint after about 32 MiB of log writes or a second of quiet, and
 //! a `RESTART` checkpoint once the log passes 64 MiB, so the `-wal` file stays bounded
 //! (`journal_size_limit` 64 MiB) during a long stream.
 //!
