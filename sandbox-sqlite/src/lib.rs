@@ -78,9 +78,9 @@
 //!
 //! Copying the write-ahead log into the database (a checkpoint, with its fsyncs) is kept out
 //! of the writers' commits: SQLite's automatic checkpoint is off and a background thread per
-//! open file runs a `PASSIVE` checkpoint after about 32 MiB of log writes or a second of quiet, and
-//! a `RESTART` checkpoint once the log passes 64 MiB, so the `-wal` file stays bounded
-//! (`journal_size_limit` 64 MiB) during a long stream.
+//! open file runs a `PASSIVE` checkpoint after about 32 MiB of log writes or a second of
+//! quiet, and a `RESTART` checkpoint once the log passes 64 MiB, so the `-wal` file stays
+//! bounded (`journal_size_limit` 64 MiB) during a long stream.
 //!
 //! # Writer liveness
 //!
