@@ -90,7 +90,10 @@ CREATE TABLE sandbox_process_logs (
 -- for queries. `logId` (not the 36-byte process id) keeps rows and index entries small. The
 -- log's length is that of its last chunk (byteOffset + byteLength): no counter row is
 -- rewritten on every append.
+-- A rowid table: chunks are large, and appends land at the end of the b-tree with their
+-- text in overflow pages (a WITHOUT ROWID table would move whole rows on every split).
 CREATE TABLE sandbox_process_chunks (
+    chunkId    INTEGER PRIMARY KEY,
     logId      INTEGER NOT NULL,  -- sandbox_process_logs.logId
     seq        INTEGER NOT NULL,
     byteOffset INTEGER NOT NULL,
@@ -98,8 +101,8 @@ CREATE TABLE sandbox_process_chunks (
     at         TEXT,
     "type"     TEXT,
     line       TEXT NOT NULL,
-    PRIMARY KEY (logId, seq)
-) STRICT, WITHOUT ROWID;
+    UNIQUE (logId, seq)
+) STRICT;
 CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (logId, byteOffset, seq);
 "#];
 
