@@ -792,8 +792,28 @@ impl SandboxService {
         validate_env(&req.env)
     }
 
-    fn prepare(&self, handle: &dyn SandboxHandle, mut req: ExecRequest) -> Result<ExecRequest> {
+    fn prepare(
+        &self,
+        record: &SandboxRecord,
+        handle: &dyn SandboxHandle,
+        mut req: ExecRequest,
+    ) -> Result<ExecRequest> {
         Self::check_command(&req)?;
+        // A provider that cannot honour stdin or a timeout says so; never ignore them.
+        if req.stdin.is_some() || req.timeout.is_some() {
+            let caps = self.provider(&record.provider)?.capabilities();
+            for (asked, has, operation) in [
+                (req.stdin.is_some(), caps.stdin, "stdin"),
+                (req.timeout.is_some(), caps.timeout, "timeout"),
+            ] {
+                if asked && !has {
+                    return Err(Error::Unsupported {
+                        provider: record.provider.clone(),
+                        operation,
+                    });
+                }
+            }
+        }
         let root = handle.workspace().to_string();
         req.cwd = Some(match req.cwd.as_deref() {
             Some(c) => confine(&root, c)?,
@@ -810,7 +830,7 @@ impl SandboxService {
     pub async fn run_command(&self, id: &SandboxId, req: ExecRequest) -> Result<CommandOutput> {
         Self::check_command(&req)?;
         let (record, handle) = self.active(id).await?;
-        let req = self.prepare(handle.as_ref(), req)?;
+        let req = self.prepare(&record, handle.as_ref(), req)?;
         let mut exec = handle.exec(req).await?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         while let Some(ev) = exec.events.next().await {
@@ -838,7 +858,7 @@ impl SandboxService {
     pub async fn spawn(&self, id: &SandboxId, spec: CommandSpec) -> Result<ProcessRun> {
         Self::check_command(&spec.request)?;
         let (record, handle) = self.active(id).await?;
-        let req = self.prepare(handle.as_ref(), spec.request.clone())?;
+        let req = self.prepare(&record, handle.as_ref(), spec.request.clone())?;
         let pid = ProcessId::new();
         let mut writer = ChunkWriter::open(self.inner.logs.as_ref(), *id, pid).await?;
         let now = now_ms();

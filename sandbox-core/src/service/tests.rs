@@ -1903,3 +1903,52 @@ async fn reconnect_rebuilds_the_handle_without_starting_anything() {
     assert_eq!(rec.status, SandboxStatus::Active);
     assert!(f.caches_handle(&sid));
 }
+
+// ---- capabilities ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn stdin_or_timeout_a_provider_cannot_honour_is_unsupported_not_ignored() {
+    let mut p = MockProvider::new();
+    p.expect_name().return_const(PROVIDER.to_string());
+    p.expect_capabilities().return_const(Capabilities {
+        exec_stream: true,
+        files: true,
+        ..Capabilities::NONE
+    });
+    // No `exec` expectation: the request must be refused before it reaches the provider.
+    let h = handle();
+    p.expect_create()
+        .times(1)
+        .return_once(move |_| Ok(provisioned(h)));
+    let f = Fixture::build(p, None, vec![], Coalescing::default());
+    let sid = f.svc.create(&config()).await.unwrap().id;
+
+    let with_stdin = ExecRequest::new(["cat"]).stdin("input");
+    let e = f.svc.run_command(&sid, with_stdin).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                operation: "stdin",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let with_timeout = ExecRequest::new(["sleep", "9"]).timeout(Duration::from_secs(1));
+    let e = f
+        .svc
+        .spawn(&sid, CommandSpec::new(with_timeout))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "timeout_not_supported");
+    let processes = f
+        .svc
+        .processes(&ProcessFilter {
+            sandbox_id: Some(sid),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(processes.is_empty(), "a refused spawn left {processes:?}");
+}
