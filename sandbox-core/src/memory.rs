@@ -219,20 +219,8 @@ impl LogAppender for MemoryAppender {
             .get_mut(&self.process_id)
             .ok_or_else(|| no_log(&self.process_id))?;
         // Check the whole batch before storing any of it.
-        let (mut seq, mut off) = (log.entries.len() as u64 + 1, log.bytes);
-        for e in entries {
-            if e.seq != seq || e.offset != off {
-                return Err(Error::protocol(
-                    "sandbox_process_stream_gap",
-                    format!(
-                        "append out of order: got seq {} at offset {}, expected seq {seq} at offset {off}",
-                        e.seq, e.offset
-                    ),
-                ));
-            }
-            seq += 1;
-            off = e.end();
-        }
+        let (_, off) =
+            crate::stream::check_continuity(entries, log.entries.len() as u64 + 1, log.bytes)?;
         log.entries.extend_from_slice(entries);
         log.bytes = off;
         log.bump();

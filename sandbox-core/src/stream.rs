@@ -123,6 +123,34 @@ pub struct LogPage {
     pub status: LogStatus,
 }
 
+/// Checks that `entries` continue a log whose next entry is `next_seq` at byte `next_offset`,
+/// without gap; returns the log's next seq and offset after them. Sinks call this on a whole
+/// batch before storing any of it.
+///
+/// # Errors
+/// `sandbox_process_stream_gap` naming the first entry out of place.
+pub fn check_continuity(
+    entries: &[LogEntry],
+    next_seq: u64,
+    next_offset: u64,
+) -> Result<(u64, u64)> {
+    let (mut seq, mut off) = (next_seq, next_offset);
+    for e in entries {
+        if e.seq != seq || e.offset != off {
+            return Err(Error::protocol(
+                "sandbox_process_stream_gap",
+                format!(
+                    "append out of order: got seq {} at offset {}, expected seq {seq} at offset {off}",
+                    e.seq, e.offset
+                ),
+            ));
+        }
+        seq += 1;
+        off = e.end();
+    }
+    Ok((seq, off))
+}
+
 /// The sink's half of a writer: stores entries the core [`ChunkWriter`] prepared.
 #[async_trait]
 pub trait LogAppender: Send {

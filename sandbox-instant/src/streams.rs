@@ -572,20 +572,7 @@ impl LogAppender for InstantAppender {
             // A timed send failed; what it carried is still held. Retry before taking more.
             c.push_pending(None).await?;
         }
-        let (mut seq, mut off) = (c.next_seq, c.end);
-        for e in entries {
-            if e.seq != seq || e.offset != off {
-                return Err(Error::protocol(
-                    "sandbox_process_stream_gap",
-                    format!(
-                        "append out of order: got seq {} at offset {}, expected seq {seq} at offset {off}",
-                        e.seq, e.offset
-                    ),
-                ));
-            }
-            seq += 1;
-            off = e.end();
-        }
+        let (seq, off) = sandbox_core::stream::check_continuity(entries, c.next_seq, c.end)?;
         let (old_seq, old_end) = (c.next_seq, c.end);
         for e in entries {
             c.retained.push_str(&e.line);
