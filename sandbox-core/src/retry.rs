@@ -170,6 +170,64 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn no_attempt_starts_after_the_deadline() {
+        let p = RetryPolicy {
+            max_attempts: 100,
+            initial_backoff: Duration::from_millis(400),
+            max_backoff: Duration::from_secs(60),
+            deadline: Duration::from_secs(2),
+        };
+        let start = Instant::now();
+        let calls = AtomicU32::new(0);
+        p.run(Idempotency::Idempotent, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(transient())
+        })
+        .await
+        .unwrap_err();
+        // Waits of 200-400, 400-800, 800-1600 ms, ...: three or four attempts fit in 2 s.
+        let n = calls.load(Ordering::SeqCst);
+        assert!((3..=4).contains(&n), "{n} attempts");
+        assert!(start.elapsed() <= p.deadline, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn backoff_is_jittered_exponential_and_capped() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            deadline: Duration::from_secs(60),
+        };
+        let e = transient();
+        for (attempt, step) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (30, 1000),
+        ] {
+            let step = Duration::from_millis(step);
+            let waits: Vec<_> = (0..200).map(|_| p.backoff(&e, attempt)).collect();
+            assert!(
+                waits.iter().all(|w| *w >= step / 2 && *w <= step),
+                "attempt {attempt}: {waits:?}"
+            );
+            assert!(
+                waits.iter().any(|w| *w != waits[0]),
+                "attempt {attempt}: no jitter"
+            );
+        }
+        let slow = Error::RateLimited {
+            provider: "p".into(),
+            retry_after: Some(Duration::from_secs(120)),
+            message: "slow".into(),
+        };
+        assert_eq!(p.backoff(&slow, 1), p.max_backoff);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn honours_retry_after() {
         let p = RetryPolicy::default();
         let e = Error::RateLimited {
