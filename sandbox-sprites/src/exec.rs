@@ -222,6 +222,8 @@ impl Session {
         let mut timed_out = false;
         let mut killed = false;
         let mut kill_deadline: Option<tokio::time::Instant> = None;
+        // Once every `Kill` is dropped `recv` is ready at once: stop polling it then.
+        let mut kills_open = true;
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         if let Some(msg) = early {
             if let Step::Done = self.on_message(msg, killed, timed_out).await {
@@ -253,11 +255,13 @@ impl Session {
                         return;
                     }
                 }
-                kill = self.kills.recv(), if !killed => {
+                kill = self.kills.recv(), if !killed && kills_open => {
                     if kill.is_some() {
                         killed = true;
                         kill_deadline = Some(tokio::time::Instant::now() + KILL_GRACE);
                         self.send_kill().await;
+                    } else {
+                        kills_open = false;
                     }
                 }
                 () = timer => {
