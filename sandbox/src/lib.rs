@@ -67,3 +67,8 @@ pub use sandbox_sprites as sprites;
 /// The InstantDB store (feature `instant`).
 #[cfg(feature = "instant")]
 pub use sandbox_instant as instant;
+
+/// The repository README's Rust examples, compiled as doctests so they keep up with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
