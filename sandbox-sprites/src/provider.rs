@@ -430,8 +430,9 @@ pub(crate) fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let offset_min = match rest {
         "Z" | "z" => 0,
         r if r.len() == 6 && (r.starts_with('+') || r.starts_with('-')) => {
-            let oh: i64 = r[1..3].parse().ok()?;
-            let om: i64 = r[4..6].parse().ok()?;
+            // `get`: a server's text may put a multi-byte character where digits belong.
+            let oh: i64 = r.get(1..3)?.parse().ok()?;
+            let om: i64 = r.get(4..6)?.parse().ok()?;
             let sign = if r.starts_with('-') { -1 } else { 1 };
             sign * (oh * 60 + om)
         }
@@ -501,5 +502,10 @@ mod tests {
             Some(1_767_609_000_000)
         );
         assert_eq!(parse_rfc3339_ms("yesterday"), None);
+        // Malformed server text is no time, never a panic.
+        assert_eq!(parse_rfc3339_ms("2026-01-05T10:30:00+0é00"), None);
+        assert_eq!(parse_rfc3339_ms("2026-01-05T10:30:00+01é0"), None);
+        assert_eq!(parse_rfc3339_ms("2026-01-05T10:30:00.é"), None);
+        assert_eq!(parse_rfc3339_ms("2026-01-05é10:30:00Z"), None);
     }
 }
