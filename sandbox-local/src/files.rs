@@ -117,15 +117,18 @@ fn write_one(workspace: &Path, f: &FileWrite, target: &Path) -> Result<()> {
     std::fs::create_dir_all(parent)
         .map_err(|e| error::io(format!("create directories for {:?}", f.path), e))?;
     let existed = target.exists();
+    // O_NONBLOCK: opening a FIFO the sandbox planted must not hang (no effect on regular files).
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(target)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => error::outside(&f.path, workspace),
             Some(libc::EISDIR) => error::not_a_file(&f.path, "is a directory"),
+            // A FIFO without a reader.
+            Some(libc::ENXIO) => error::not_a_file(&f.path, "is not a regular file"),
             _ => error::io(format!("open {:?} for writing", f.path), e),
         })?;
     // A parent swapped for a symlink after resolution shows up here: refuse, undo the create.
@@ -281,6 +284,34 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), "sandbox_path_outside_workspace");
         assert!(!ws.join("good").exists());
+    }
+
+    #[test]
+    fn writing_to_a_fifo_is_refused_without_blocking() {
+        let (_d, ws) = workspace();
+        let fifo = std::ffi::CString::new(ws.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        // Nobody reads the FIFO: a blocking open would never return.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = p(&ws, "pipe");
+        let ws2 = ws.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(write_all(&ws2, &[FileWrite::new(path, "x")]));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("write_files blocked on a FIFO");
+        assert_eq!(result.unwrap_err().code(), "sandbox_path_invalid");
+        // And with a reader holding it open, it is still not written as a file.
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(ws.join("pipe"))
+            .unwrap();
+        let e = write_all(&ws, &[FileWrite::new(p(&ws, "pipe"), "x")]).unwrap_err();
+        assert_eq!(e.code(), "sandbox_path_invalid");
+        drop(reader);
     }
 
     #[test]
