@@ -54,12 +54,19 @@ impl LocalConfig {
         config.section::<LocalConfig>(LOCAL)
     }
 
-    /// `self` with every field `other` sets replaced by `other`'s value.
+    /// `self` with every field `other` sets replaced by `other`'s value. `persistent` and
+    /// `deleteOnStop` say the same thing: when `other` sets either, both come from `other`.
     pub fn overridden_by(&self, other: &LocalConfig) -> LocalConfig {
+        let (persistent, delete_on_stop) =
+            if other.persistent.is_some() || other.delete_on_stop.is_some() {
+                (other.persistent, other.delete_on_stop)
+            } else {
+                (self.persistent, self.delete_on_stop)
+            };
         LocalConfig {
             isolation: other.isolation.or(self.isolation),
-            persistent: other.persistent.or(self.persistent),
-            delete_on_stop: other.delete_on_stop.or(self.delete_on_stop),
+            persistent,
+            delete_on_stop,
             root: other.root.clone().or_else(|| self.root.clone()),
             network: other.network.or(self.network),
         }
@@ -224,5 +231,27 @@ mod tests {
         assert_eq!(merged.isolation, Some(IsolationMode::Auto));
         assert_eq!(merged.network, Some(true));
         assert_eq!(merged.persistent, Some(true));
+    }
+
+    #[test]
+    fn a_sandbox_persistence_setting_replaces_the_providers_either_way() {
+        let persistent = LocalConfig {
+            persistent: Some(true),
+            ..Default::default()
+        };
+        let delete = LocalConfig {
+            delete_on_stop: Some(true),
+            ..Default::default()
+        };
+        assert!(persistent.overridden_by(&delete).delete_on_stop().unwrap());
+        assert!(!delete.overridden_by(&persistent).delete_on_stop().unwrap());
+        let keep = LocalConfig {
+            delete_on_stop: Some(false),
+            ..Default::default()
+        };
+        assert!(!keep
+            .overridden_by(&LocalConfig::default())
+            .delete_on_stop()
+            .unwrap());
     }
 }
