@@ -473,10 +473,7 @@ impl SandboxService {
                     extra.insert(b.name().to_string(), v);
                 }
                 Err(e) => {
-                    let e = Error::provider(
-                        name.clone(),
-                        format!("bootstrap step `{}` failed: {e}", b.name()),
-                    );
+                    let e = bootstrap_failure(&name, b.name(), e);
                     self.cleanup(&handle).await;
                     self.mark_create_failed(&mut record, config, &e).await;
                     return Err(e);
@@ -1755,6 +1752,72 @@ impl SandboxService {
             )
             .await?;
         Ok(true)
+    }
+}
+
+/// The error of a failed bootstrap step: its category kept (an invalid skill stays invalid
+/// input, a missing token unauthorized, a 503 transient), its message naming the step. A
+/// not-found or not-active from inside the step is about something the step looked for, not
+/// about the sandbox being created, so it becomes a provider error.
+fn bootstrap_failure(provider: &str, step: &str, e: Error) -> Error {
+    let context = |message: String| format!("bootstrap step `{step}` failed: {message}");
+    match e {
+        Error::InvalidInput { code, message } => Error::InvalidInput {
+            code,
+            message: context(message),
+        },
+        Error::Unauthorized { provider, message } => Error::Unauthorized {
+            provider,
+            message: context(message),
+        },
+        Error::RateLimited {
+            provider,
+            retry_after,
+            message,
+        } => Error::RateLimited {
+            provider,
+            retry_after,
+            message: context(message),
+        },
+        Error::Transient { provider, message } => Error::Transient {
+            provider,
+            message: context(message),
+        },
+        Error::Provider {
+            provider,
+            status,
+            message,
+        } => Error::Provider {
+            provider,
+            status,
+            message: context(message),
+        },
+        Error::Conflict { code, message } => Error::Conflict {
+            code,
+            message: context(message),
+        },
+        Error::Store {
+            store,
+            message,
+            retryable,
+        } => Error::Store {
+            store,
+            message: context(message),
+            retryable,
+        },
+        Error::Protocol { code, message } => Error::Protocol {
+            code,
+            message: context(message),
+        },
+        Error::StartFailed { message } => Error::StartFailed {
+            message: context(message),
+        },
+        Error::Timeout { operation, elapsed } => Error::Timeout {
+            operation: context(operation),
+            elapsed,
+        },
+        e @ Error::Unsupported { .. } => e,
+        other => Error::provider(provider, context(other.to_string())),
     }
 }
 

@@ -568,6 +568,75 @@ async fn a_failing_bootstrap_step_deletes_the_provider_object_and_records_error(
     assert!(!f.caches_handle(&all[0].id));
 }
 
+/// A bootstrap step that fails with a given error.
+struct FailingStep(fn() -> Error);
+
+#[async_trait]
+impl Bootstrapper for FailingStep {
+    fn name(&self) -> &str {
+        "skills"
+    }
+
+    fn applies(&self, _: &SandboxConfig) -> bool {
+        true
+    }
+
+    async fn run(&self, _: &BootstrapContext<'_>) -> Result<Value> {
+        Err((self.0)())
+    }
+}
+
+#[tokio::test]
+async fn a_failing_bootstrap_step_keeps_its_error_category() {
+    let cases: [(fn() -> Error, &str, bool); 4] = [
+        (
+            || Error::invalid("sandbox_skill_name_required", "a skill needs a name"),
+            "sandbox_skill_name_required",
+            false,
+        ),
+        (
+            || Error::Unauthorized {
+                provider: "instant".into(),
+                message: "set INSTANT_ADMIN_TOKEN".into(),
+            },
+            "unauthorized",
+            false,
+        ),
+        (
+            || Error::Transient {
+                provider: "instant".into(),
+                message: "HTTP 503".into(),
+            },
+            "transient",
+            true,
+        ),
+        (
+            || Error::not_found(Missing::File, "/skills/a.md"),
+            "provider_error",
+            false,
+        ),
+    ];
+    for (make, code, retryable) in cases {
+        let mut h = handle();
+        h.expect_stop()
+            .with(eq(StopMode::Delete))
+            .times(1)
+            .returning(|_| Ok(()));
+        let f = Fixture::build(
+            provider_creating(h),
+            None,
+            vec![Arc::new(FailingStep(make))],
+            Coalescing::default(),
+        );
+        let err = f.svc.create(&config()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err}");
+        assert_eq!(err.is_retryable(), retryable, "{err}");
+        assert!(err.to_string().contains("`skills`"), "{err}");
+        let all = f.svc.list(&SandboxFilter::default()).await.unwrap();
+        assert_eq!(all[0].status, SandboxStatus::Error);
+    }
+}
+
 #[tokio::test]
 async fn a_failing_activation_write_deletes_the_provider_object_and_returns_the_error() {
     let mut h = handle();
