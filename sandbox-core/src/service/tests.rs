@@ -588,7 +588,8 @@ impl Bootstrapper for FailingStep {
 
 #[tokio::test]
 async fn a_failing_bootstrap_step_keeps_its_error_category() {
-    let cases: [(fn() -> Error, &str, bool); 4] = [
+    type Case = (fn() -> Error, &'static str, bool);
+    let cases: [Case; 4] = [
         (
             || Error::invalid("sandbox_skill_name_required", "a skill needs a name"),
             "sandbox_skill_name_required",
