@@ -85,7 +85,10 @@ pub struct SkillConfig {
 /// Provider sections (`vercel`, `daytona`, `sprites`, `local`, and any third-party key) are kept
 /// as raw JSON in [`SandboxConfig::sections`]; each provider crate parses its own with
 /// [`SandboxConfig::section`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Its `Debug` output shows no value that may be a credential: provider sections (which may
+/// hold `token`, `apiKey`, ...) and `env` appear as their keys only, skills as their names.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxConfig {
     /// Provider selector.
@@ -124,6 +127,49 @@ pub struct SandboxConfig {
     /// Provider sections and any other keys, as raw JSON.
     #[serde(flatten)]
     pub sections: BTreeMap<String, Value>,
+}
+
+impl std::fmt::Debug for SandboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn keys(v: &Value) -> Vec<&str> {
+            v.as_object()
+                .map(|m| m.keys().map(String::as_str).collect())
+                .unwrap_or_default()
+        }
+        f.debug_struct("SandboxConfig")
+            .field("provider", &self.provider)
+            .field("runtime", &self.runtime)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("ports", &self.ports)
+            .field("resources", &self.resources)
+            .field("purpose", &self.purpose)
+            .field(
+                "params_keys",
+                &self.params.as_ref().map(|m| m.keys().collect::<Vec<_>>()),
+            )
+            .field(
+                "env_keys",
+                &self.env.as_ref().map(|m| m.keys().collect::<Vec<_>>()),
+            )
+            .field("domain", &self.domain.as_ref().map(|_| "…"))
+            .field("dataset", &self.dataset)
+            .field(
+                "skills",
+                &self
+                    .skills
+                    .as_ref()
+                    .map(|v| v.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()),
+            )
+            .field(
+                "sections",
+                &self
+                    .sections
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), keys(v)))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+            .finish()
+    }
 }
 
 impl SandboxConfig {
@@ -309,6 +355,33 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`s`"));
+    }
+
+    #[test]
+    fn debug_output_shows_no_credential() {
+        let cfg = SandboxConfig::from_json(
+            r#"{
+              "provider": "vercel", "purpose": "codex",
+              "params": {"apiKey": "p-s3cret"},
+              "env": {"INSTANT_ADMIN_TOKEN": "e-s3cret"},
+              "domain": {"token": "d-s3cret"},
+              "skills": [{"name": "review", "files": [{"path": "a.md", "contentBase64": "czNjcmV0"}]}],
+              "vercel": {"token": "v-s3cret", "projectId": "prj"},
+              "acme": "a-s3cret"
+            }"#,
+        )
+        .unwrap();
+        let req = crate::provider::CreateRequest {
+            sandbox_id: crate::SandboxId::new(),
+            config: cfg.clone(),
+        };
+        for shown in [format!("{cfg:?}"), format!("{req:?}"), format!("{cfg:#?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(!shown.contains("czNjcmV0"), "{shown}");
+            for visible in ["vercel", "token", "INSTANT_ADMIN_TOKEN", "review", "codex"] {
+                assert!(shown.contains(visible), "{visible} missing from {shown}");
+            }
+        }
     }
 
     #[test]
