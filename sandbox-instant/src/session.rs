@@ -30,8 +30,7 @@ struct Routes {
     subs: HashMap<String, mpsc::UnboundedSender<Value>>,
 }
 
-/// One open SSE session.
-#[derive(Debug)]
+/// One open SSE session. `Debug` never shows the `sse-token`: it is the session's credential.
 pub(crate) struct Session {
     client: InstantClient,
     machine_id: String,
@@ -40,6 +39,17 @@ pub(crate) struct Session {
     routes: Mutex<Routes>,
     closed: watch::Sender<bool>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("machine_id", &self.machine_id)
+            .field("session_id", &self.session_id)
+            .field("sse_token", &"<redacted>")
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Session {
@@ -321,6 +331,18 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn debug_output_of_a_session_never_shows_its_sse_token() {
+        let token = "c1d2e3f4-0000-4000-8000-00000000beef";
+        let emu = sandbox_testkit::instant::InstantEmulator::start("app", token).await;
+        let config = crate::InstantConfig::new("app", token, &emu.base_url()).unwrap();
+        let client = InstantClient::new(config).unwrap();
+        let session = Session::connect(&client).await.unwrap();
+        let shown = format!("{session:?}");
+        assert!(!shown.contains(&session.sse_token), "{shown}");
+        assert!(shown.contains(&session.session_id));
+    }
 
     #[test]
     fn parser_handles_framing_variants() {

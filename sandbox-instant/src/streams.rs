@@ -303,6 +303,21 @@ fn writer_exists(client_id: &str, why: &str) -> Error {
     }
 }
 
+/// Drops the bytes before `flushed` from `retained` (which starts at byte `start`).
+///
+/// An offset that is not past `start`, beyond the retained bytes or inside a character is
+/// ignored: keeping more than needed only means resending bytes the server skips.
+fn forget_flushed(retained: &mut String, start: &mut u64, flushed: u64) {
+    let Some(cut) = flushed.checked_sub(*start).map(|c| c as usize) else {
+        return;
+    };
+    if cut == 0 || cut > retained.len() || !retained.is_char_boundary(cut) {
+        return;
+    }
+    retained.drain(..cut);
+    *start = flushed;
+}
+
 /// The writer's state, shared with its batching timer.
 struct WriterCore {
     sink: Arc<SinkInner>,
@@ -348,10 +363,7 @@ impl WriterCore {
         match m["op"].as_str() {
             Some("stream-flushed") => {
                 let f = m["offset"].as_u64().unwrap_or(0).min(self.sent);
-                if f > self.retained_start {
-                    self.retained.drain(..(f - self.retained_start) as usize);
-                    self.retained_start = f;
-                }
+                forget_flushed(&mut self.retained, &mut self.retained_start, f);
                 false
             }
             _ => true,
@@ -958,6 +970,43 @@ mod tests {
             None,
         );
         c.encode()
+    }
+
+    #[tokio::test]
+    async fn debug_output_of_a_sink_with_an_open_writer_shows_no_credential() {
+        let token = "c1d2e3f4-0000-4000-8000-00000000beef";
+        let emu = sandbox_testkit::instant::InstantEmulator::start("app", token).await;
+        let config = crate::InstantConfig::new("app", token, &emu.base_url()).unwrap();
+        let sink = InstantSink::new(InstantClient::new(config).unwrap());
+        let mut w = sink.open_writer(&ProcessId::new()).await.unwrap();
+        let sse_token = emu
+            .requests()
+            .iter()
+            .find_map(|r| r.body["sse_token"].as_str().map(String::from))
+            .expect("a push carried the session's token");
+        let shown = format!("{sink:?}");
+        assert!(
+            shown.contains("session_id"),
+            "the session is shown: {shown}"
+        );
+        assert!(!shown.contains(&sse_token), "{shown}");
+        assert!(!shown.contains(token), "{shown}");
+        w.close().await.unwrap();
+    }
+
+    #[test]
+    fn flushed_offsets_inside_a_character_or_out_of_range_keep_the_bytes() {
+        let mut retained = "aé€b".to_string();
+        let mut start = 100;
+        forget_flushed(&mut retained, &mut start, 102);
+        assert_eq!((retained.as_str(), start), ("aé€b", 100), "inside é");
+        forget_flushed(&mut retained, &mut start, 99);
+        forget_flushed(&mut retained, &mut start, 200);
+        assert_eq!((retained.as_str(), start), ("aé€b", 100));
+        forget_flushed(&mut retained, &mut start, 103);
+        assert_eq!((retained.as_str(), start), ("€b", 103));
+        forget_flushed(&mut retained, &mut start, 107);
+        assert_eq!((retained.as_str(), start), ("", 107));
     }
 
     #[test]
