@@ -516,3 +516,53 @@ async fn exec_passes_env_and_cwd_natively_and_files_written_by_commands_are_read
     let back = sb.read_file("/home/sprite/w/out.txt").await.unwrap();
     assert_eq!(back.as_deref(), Some(&b"it's $HOME; rm -rf /"[..]));
 }
+
+#[tokio::test]
+async fn create_sends_wait_for_capacity_and_url_auth_in_snake_case() {
+    let emu = emulator().await;
+    let made = create(&provider(&emu)).await.unwrap();
+    let body = emu.create_body(&made.external_id).unwrap();
+    assert_eq!(body["name"], made.external_id.as_str());
+    assert_eq!(body["wait_for_capacity"], true);
+    assert_eq!(body["url_settings"]["auth"], "sprite", "private by default");
+
+    let p = provider_with(
+        &emu,
+        TOKEN,
+        r#"{"name":"configured","waitForCapacity":false,"urlSettings":{"auth":"public"}}"#,
+    );
+    create(&p).await.unwrap();
+    let body = emu.create_body("configured").unwrap();
+    assert_eq!(body["wait_for_capacity"], false);
+    assert_eq!(body["url_settings"]["auth"], "public");
+}
+
+#[tokio::test]
+async fn the_emulator_adds_its_latency_to_every_request() {
+    let emu = emulator().await;
+    let p = provider(&emu);
+    let made = create(&p).await.unwrap();
+    emu.set_latency(Duration::from_millis(150));
+    emu.clear_requests();
+    let start = std::time::Instant::now();
+    let resume = ResumeRequest {
+        sandbox_id: SandboxId::new(),
+        external_id: made.external_id.clone(),
+        url: made.url.clone(),
+        params: made.params.clone(),
+    };
+    p.resume(&resume).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        start.elapsed()
+    );
+    emu.set_latency(Duration::ZERO);
+    p.resume(&resume).await.unwrap();
+    let log = emu.requests();
+    assert_eq!(log.len(), 2, "{:?}", paths(&emu));
+    assert!(
+        log[0].2 >= start && log[1].2 >= log[0].2,
+        "arrival times in order"
+    );
+}

@@ -109,6 +109,8 @@ struct Sprite {
     id: String,
     name: String,
     url_auth: String,
+    /// The JSON body of the `POST /v1/sprites` that made it.
+    create_body: Value,
     created_at: String,
     status: &'static str,
     /// The local sandbox whose workspace is this sprite's `/`.
@@ -316,6 +318,14 @@ impl SpritesEmulator {
     /// Names of the sprites that exist.
     pub fn sprite_names(&self) -> Vec<String> {
         lock(&self.shared.sprites).keys().cloned().collect()
+    }
+
+    /// The JSON body of the create request that made sprite `name` (`wait_for_capacity`,
+    /// `url_settings`, ... as the client sent them).
+    pub fn create_body(&self, name: &str) -> Option<Value> {
+        lock(&self.shared.sprites)
+            .get(name)
+            .map(|s| s.create_body.clone())
     }
 
     /// The host directory holding sprite `name`'s `/`.
@@ -537,6 +547,7 @@ async fn create_sprite(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
         id: format!("sprite-{n:08x}"),
         name: name.clone(),
         url_auth: auth,
+        create_body: v,
         created_at: rfc3339_now(),
         status: "cold",
         handle: handle.clone(),
