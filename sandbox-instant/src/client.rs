@@ -171,7 +171,8 @@ impl InstantClient {
     }
 
     /// Fetches a flushed file part. No admin headers: the URL is its own credential and may
-    /// point at another host.
+    /// point at another host, so neither the URL nor the answer's body (storage services echo
+    /// the signature in some errors) goes into an error.
     pub(crate) async fn get_file(&self, url: &str) -> Result<Bytes, InstantError> {
         let resp = self
             .http
@@ -179,12 +180,46 @@ impl InstantClient {
             .timeout(Duration::from_secs(120))
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| transport(e.without_url()))?;
         let status = resp.status().as_u16();
         if status != 200 {
-            let bytes = resp.bytes().await.unwrap_or_default();
-            return Err(from_body(status, &bytes, None));
+            return Err(InstantError::Http {
+                status,
+                kind: None,
+                message: "fetching a flushed part of the stream failed".into(),
+                retry_after: retry_after(resp.headers()),
+            });
         }
-        resp.bytes().await.map_err(transport)
+        resp.bytes().await.map_err(|e| transport(e.without_url()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIGNATURE: &str = "X-Amz-Signature=5ec2e7";
+
+    #[tokio::test]
+    async fn failed_file_part_fetches_never_show_the_presigned_url() {
+        let token = "c1d2e3f4-0000-4000-8000-00000000beef";
+        let emu = sandbox_testkit::instant::InstantEmulator::start("app", token).await;
+        let config = InstantConfig::new("app", token, &emu.base_url()).unwrap();
+        let client = InstantClient::new(config).unwrap();
+        let op = Op::Stream("sandbox-process:p".into());
+
+        emu.respond_raw_next(
+            403,
+            &format!("<Error>SignatureDoesNotMatch {SIGNATURE}</Error>"),
+        );
+        let url = format!("{}/emulator/files/part?{SIGNATURE}", emu.base_url());
+        let e = client.get_file(&url).await.unwrap_err().into_core(&op);
+        assert!(e.to_string().contains("403"), "{e}");
+        assert!(!format!("{e} {e:?}").contains(SIGNATURE), "{e:?}");
+
+        // Nothing listens on port 1 of the loopback address.
+        let url = format!("http://127.0.0.1:1/part?{SIGNATURE}");
+        let e = client.get_file(&url).await.unwrap_err().into_core(&op);
+        assert!(!format!("{e} {e:?}").contains(SIGNATURE), "{e:?}");
     }
 }
