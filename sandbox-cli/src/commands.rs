@@ -9,8 +9,8 @@ use sandbox::{
 };
 use serde_json::{json, Value};
 
-use crate::live::{run_live, LogPrinter};
-use crate::output::{table, time, Context, Failure, Output, EXIT_RUN_ERROR};
+use crate::live::{run_live, Interrupt, LogPrinter};
+use crate::output::{table, time, Context, Failure, Output, EXIT_INTERRUPTED, EXIT_RUN_ERROR};
 use crate::{Command, CommandArgs, CreateArgs, Global};
 
 /// What every command works with: the resolved config, environment and store.
@@ -237,14 +237,40 @@ async fn run(
     };
     let req = exec_request(args).map_err(to_run)?;
     let service = ctx.service().map_err(to_run)?;
-    let record = create_sandbox(ctx, &service, create)
-        .await
-        .map_err(to_run)?;
+    // From here on Ctrl-C is ours: a sandbox created by this command is stopped, not orphaned.
+    let mut interrupt = Interrupt::install();
+    let creating = create_sandbox(ctx, &service, create);
+    tokio::pin!(creating);
+    let mut interrupted = false;
+    let record = tokio::select! {
+        r = &mut creating => r,
+        () = interrupt.recv() => {
+            interrupted = true;
+            ctx.out.note("interrupted: the sandbox is stopped once it is created");
+            creating.await
+        }
+    }
+    .map_err(to_run)?;
     let id = record.id;
     if keep {
         ctx.out.note(format!("sandbox {id}"));
     }
-    let result = run_live(&service, &id, CommandSpec::new(req), ctx.out).await;
+    if interrupted {
+        if !keep {
+            stop_sandbox(ctx, &service, &id, false)
+                .await
+                .map_err(to_run)?;
+        }
+        return Ok(EXIT_INTERRUPTED);
+    }
+    let result = run_live(
+        &service,
+        &id,
+        CommandSpec::new(req),
+        ctx.out,
+        &mut interrupt,
+    )
+    .await;
     if !keep {
         if let Err(f) = stop_sandbox(ctx, &service, &id, false).await {
             // The command's result still matters more than a failed cleanup.
@@ -279,7 +305,15 @@ async fn exec(ctx: &Ctx, id: &str, args: &CommandArgs) -> Result<u8, Failure> {
     let id = parse_sandbox_id(id).map_err(to_run)?;
     let req = exec_request(args).map_err(to_run)?;
     let service = ctx.service().map_err(to_run)?;
-    let end = run_live(&service, &id, CommandSpec::new(req), ctx.out).await?;
+    let mut interrupt = Interrupt::install();
+    let end = run_live(
+        &service,
+        &id,
+        CommandSpec::new(req),
+        ctx.out,
+        &mut interrupt,
+    )
+    .await?;
     if ctx.out.json {
         ctx.out
             .result(&outcome_json(&id, &end.outcome, true), String::new);

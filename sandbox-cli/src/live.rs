@@ -119,13 +119,52 @@ impl LogPrinter {
     }
 }
 
+/// Ctrl-C, caught from the moment this value exists. (`tokio::signal::ctrl_c()` installs its
+/// handler only when first polled, so a Ctrl-C just before that would kill `sandbox` and leave
+/// the command running and recorded `running`.)
+#[derive(Debug)]
+pub struct Interrupt {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+    #[cfg(windows)]
+    signal: Option<tokio::signal::windows::CtrlC>,
+}
+
+impl Interrupt {
+    /// Installs the handler; from now on Ctrl-C no longer ends `sandbox` but is reported by
+    /// [`Interrupt::recv`]. Must be called inside the runtime.
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+        #[cfg(windows)]
+        let signal = tokio::signal::windows::ctrl_c();
+        let signal = signal
+            .map_err(|e| tracing::warn!(error = %e, "cannot catch Ctrl-C"))
+            .ok();
+        Interrupt { signal }
+    }
+
+    /// Resolves at the next Ctrl-C (at once if one came since the last call); never when the
+    /// handler could not be installed.
+    pub async fn recv(&mut self) {
+        if let Some(s) = &mut self.signal {
+            if s.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 /// Spawns `spec` in the sandbox, prints its output as it arrives, and waits for its end.
-/// Ctrl-C kills the command (it is recorded as `killed`) and is reported in [`LiveEnd`].
+/// Ctrl-C (caught by `interrupt`) kills the command (it is recorded as `killed`) and is
+/// reported in [`LiveEnd`]; one that came before this call kills it as soon as it started.
 pub async fn run_live(
     service: &SandboxService,
     id: &SandboxId,
     spec: CommandSpec,
     out: Output,
+    interrupt: &mut Interrupt,
 ) -> Result<LiveEnd, Failure> {
     let argv0 = spec.request.argv.first().cloned().unwrap_or_default();
     let run = service.spawn(id, spec).await.map_err(|e| {
@@ -149,8 +188,6 @@ pub async fn run_live(
         .context(ctx)
         .map_err(run_error)?;
     let mut printer = LogPrinter::new(out);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let mut interrupted = false;
     let mut killed_for_pipe = false;
     loop {
@@ -166,7 +203,7 @@ pub async fn run_live(
                     }
                 }
             },
-            _ = &mut ctrl_c, if !interrupted => {
+            () = interrupt.recv(), if !interrupted => {
                 interrupted = true;
                 out.note(format!("interrupted: killing process {pid}"));
                 if let Err(e) = run.kill().await {

@@ -561,6 +561,69 @@ fn ctrl_c_during_run_kills_the_command_and_stops_the_sandbox() {
     assert_eq!(only_process(&home, id)["status"], "killed");
 }
 
+/// Waits (bounded) until `probe` returns something.
+fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ctrl_c_as_soon_as_run_has_recorded_its_sandbox_still_stops_it() {
+    let home = Home::new();
+    // No output: nothing tells the test how far `run` has got, only the store does.
+    let (mut run, _out) = spawn_lines(
+        &home,
+        &["run", "--", "sh", "-c", "while true; do sleep 0.02; done"],
+    );
+    let id = eventually("a sandbox is recorded", || {
+        let ls = home.json(&["ls"]);
+        ls.get(0).map(|s| s["id"].as_str().unwrap().to_string())
+    });
+    interrupt(&run);
+    let status = wait_exit(&mut run);
+    assert_eq!(status.code(), Some(130), "{}", stderr_of(&mut run));
+    assert_eq!(home.json(&["show", &id])["status"], "shutdown");
+    let ps = home.json(&["ps", &id]);
+    assert!(
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "killed"),
+        "the command never ran or was killed: {ps}"
+    );
+}
+
+#[test]
+fn ctrl_c_before_any_output_of_exec_kills_the_command() {
+    let home = Home::new();
+    let id = home.create();
+    let (mut exec, _out) = spawn_lines(
+        &home,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "while true; do sleep 0.02; done",
+        ],
+    );
+    only_process(&home, &id);
+    interrupt(&exec);
+    let status = wait_exit(&mut exec);
+    assert_eq!(status.code(), Some(130), "{}", stderr_of(&mut exec));
+    assert_eq!(only_process(&home, &id)["status"], "killed");
+}
+
 // ---- machine-readable output ---------------------------------------------------------------
 
 #[test]
