@@ -1724,8 +1724,17 @@ impl SandboxService {
     }
 
     /// A process whose log holds an `exit` chunk gets its final status from it.
+    /// A log with a malformed line cannot say how the process ended: it is not finalised from
+    /// it (and one corrupt log does not stop the reconciliation of the others).
     async fn finalize_from_log(&self, p: &ProcessRecord) -> Result<bool> {
-        let t = self.transcript(&p.id).await?;
+        let t = match self.transcript(&p.id).await {
+            Ok(t) => t,
+            Err(e @ Error::Protocol { .. }) => {
+                tracing::warn!(process = %p.id, error = %e, "log unreadable; not finalised from it");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
         let Some(status) = t
             .status
             .as_deref()

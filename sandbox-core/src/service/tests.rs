@@ -1570,6 +1570,39 @@ async fn reconcile_marks_dead_writers_lost_leaves_live_ones_and_finalises_from_t
 }
 
 #[tokio::test]
+async fn reconcile_marks_a_process_with_a_corrupt_log_lost_and_goes_on() {
+    let f = Fixture::new(provider_resuming(handle()));
+    let sid = f.seed_sandbox(SandboxStatus::Active).await.id;
+    // A closed log whose only line is not a chunk.
+    let corrupt = f.seed_process(&sid).await;
+    let mut appender = f.logs.open_writer(&corrupt.id).await.unwrap();
+    appender
+        .append(&[LogEntry {
+            seq: 1,
+            offset: 0,
+            line: "not json\n".into(),
+        }])
+        .await
+        .unwrap();
+    appender.close().await.unwrap();
+    // A dead writer after it, which must still be handled.
+    let dead = f.seed_process(&sid).await;
+    let mut w = ChunkWriter::open(&f.logs, sid, dead.id).await.unwrap();
+    w.append(ChunkType::Status, None).await.unwrap();
+    drop(w);
+
+    let report = f.svc.reconcile().await.unwrap();
+    let mut lost: Vec<_> = report.lost.iter().map(|(p, _)| *p).collect();
+    lost.sort();
+    let mut want = vec![corrupt.id, dead.id];
+    want.sort();
+    assert_eq!(lost, want);
+    assert!(report.finalized.is_empty());
+    assert_eq!(f.process(&corrupt.id).await.status, ProcessStatus::Lost);
+    assert_eq!(f.process(&dead.id).await.status, ProcessStatus::Lost);
+}
+
+#[tokio::test]
 async fn reconcile_marks_sandboxes_the_provider_no_longer_has_shutdown() {
     let mut p = provider();
     p.expect_resume()
