@@ -200,9 +200,11 @@ pub fn entity(name: &str) -> Option<&'static EntityDef> {
     ENTITIES.iter().find(|e| e.name == name)
 }
 
-/// The schema in InstantDB's JSON form: `{"entities": {ns: {"attrs": {name: {"valueType",
-/// "required", "config": {"indexed", "unique"}}}, "links": {}}}, "links": {name: {"forward",
-/// "reverse"}}}`.
+/// The schema in the JSON form of InstantDB's `i.schema(...)` (what `instant-cli push` sends):
+/// `{"entities": {ns: {"attrs": {name: {"valueType", "required", "isIndexed", "config":
+/// {"indexed", "unique"}, "metadata"}}, "links": {label: {"entityName", "cardinality"}}}},
+/// "links": {name: {"forward", "reverse"}}, "rooms": {}}`. Each entity's `links` indexes the
+/// links that start or end on it, as `i.schema` does.
 pub fn schema_json() -> Value {
     let mut entities = Map::new();
     for e in ENTITIES {
@@ -213,11 +215,24 @@ pub fn schema_json() -> Value {
                 json!({
                     "valueType": at.value_type.as_str(),
                     "required": at.required,
+                    "isIndexed": at.indexed,
                     "config": {"indexed": at.indexed, "unique": false},
+                    "metadata": {},
                 }),
             );
         }
-        entities.insert(e.name.into(), json!({"attrs": attrs, "links": {}}));
+        let mut links = Map::new();
+        for l in LINKS {
+            for (here, there) in [(&l.forward, &l.reverse), (&l.reverse, &l.forward)] {
+                if here.on == e.name {
+                    links.insert(
+                        here.label.into(),
+                        json!({"entityName": there.on, "cardinality": here.has}),
+                    );
+                }
+            }
+        }
+        entities.insert(e.name.into(), json!({"attrs": attrs, "links": links}));
     }
     let mut links = Map::new();
     for l in LINKS {
@@ -227,7 +242,7 @@ pub fn schema_json() -> Value {
             json!({"forward": side(&l.forward), "reverse": side(&l.reverse)}),
         );
     }
-    json!({"entities": entities, "links": links})
+    json!({"entities": entities, "links": links, "rooms": {}})
 }
 
 #[cfg(test)]
@@ -256,6 +271,36 @@ mod tests {
         assert_eq!(
             s["links"]["sandboxProcessSandbox"]["forward"]["label"],
             "sandbox"
+        );
+    }
+
+    #[test]
+    fn schema_json_has_the_shape_of_upstreams_i_schema() {
+        let s = schema_json();
+        assert_eq!(s["rooms"], json!({}));
+        assert_eq!(
+            s["entities"]["sandbox_sandboxes"]["attrs"]["purpose"],
+            json!({"valueType": "string", "required": false, "isIndexed": true,
+                "config": {"indexed": true, "unique": false}, "metadata": {}})
+        );
+        assert_eq!(
+            s["entities"]["sandbox_processes"]["attrs"]["command"],
+            json!({"valueType": "string", "required": true, "isIndexed": false,
+                "config": {"indexed": false, "unique": false}, "metadata": {}})
+        );
+        assert_eq!(
+            s["entities"]["sandbox_processes"]["links"],
+            json!({
+                "sandbox": {"entityName": "sandbox_sandboxes", "cardinality": "one"},
+                "stream": {"entityName": "$streams", "cardinality": "one"},
+            })
+        );
+        assert_eq!(
+            s["entities"]["sandbox_sandboxes"]["links"],
+            json!({
+                "user": {"entityName": "$users", "cardinality": "one"},
+                "processes": {"entityName": "sandbox_processes", "cardinality": "many"},
+            })
         );
     }
 }
