@@ -7,9 +7,9 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
@@ -97,9 +97,29 @@ fn append_tree<W: Write>(
     for entry in entries {
         let path = entry.path();
         let entry_name = name.join(entry.file_name());
-        let meta = std::fs::symlink_metadata(&path)?;
+        // A running command may delete what was just listed: it is simply not in the archive.
+        let meta = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            meta => meta?,
+        };
         let kind = meta.file_type();
         if kind.is_socket() || kind.is_char_device() || kind.is_block_device() {
+            continue;
+        }
+        if kind.is_file() {
+            // O_NONBLOCK: a FIFO swapped in after the stat must not block the open.
+            let file = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                file => file?,
+            };
+            let meta = file.metadata()?;
+            if meta.is_file() {
+                append_file(tar, &entry_name, &meta, file)?;
+            }
             continue;
         }
         if kind.is_fifo() {
@@ -111,12 +131,36 @@ fn append_tree<W: Write>(
             tar.append_data(&mut header, &entry_name, std::io::empty())?;
             continue;
         }
-        tar.append_path_with_name(&path, &entry_name)?;
+        match tar.append_path_with_name(&path, &entry_name) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            appended => appended?,
+        }
         if kind.is_dir() {
-            append_tree(tar, &path, &entry_name)?;
+            match append_tree(tar, &path, &entry_name) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                appended => appended?,
+            }
         }
     }
     Ok(())
+}
+
+/// Appends a regular file with exactly the size `meta` gives. A file a command is still
+/// writing would otherwise be copied past that size (forever, if it keeps growing) or short
+/// of it, and every entry after it would be unreadable.
+fn append_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &Path,
+    meta: &std::fs::Metadata,
+    file: impl Read,
+) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    let len = meta.len();
+    header.set_size(len);
+    // Bytes past `len` are left out; a file that shrank is padded with zeros.
+    let data = file.take(len).chain(std::io::repeat(0)).take(len);
+    tar.append_data(&mut header, name, data)
 }
 
 /// Every checkpoint, oldest first.
@@ -353,6 +397,99 @@ mod tests {
 #[cfg(test)]
 mod special_files {
     use super::*;
+
+    /// Entry names and contents of a gzip tar.
+    fn entries(archive: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut tar = tar::Archive::new(GzDecoder::new(File::open(archive).unwrap()));
+        tar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (name, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_that_changes_size_while_archived_keeps_its_stat_size_and_the_archive_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        let big = dir.path().join("big");
+        std::fs::write(&small, "0123").unwrap();
+        std::fs::write(&big, "0123456789").unwrap();
+        let out = dir.path().join("a.tar.gz");
+        let gz = GzEncoder::new(File::create(&out).unwrap(), Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        // Grew after the stat: stat of `small`, content of `big`.
+        let meta = std::fs::metadata(&small).unwrap();
+        append_file(
+            &mut tar,
+            Path::new("grew"),
+            &meta,
+            File::open(&big).unwrap(),
+        )
+        .unwrap();
+        // Shrank after the stat.
+        let meta = std::fs::metadata(&big).unwrap();
+        append_file(
+            &mut tar,
+            Path::new("shrank"),
+            &meta,
+            File::open(&small).unwrap(),
+        )
+        .unwrap();
+        tar.append_path_with_name(&small, "after").unwrap();
+        tar.into_inner().unwrap().finish().unwrap();
+        assert_eq!(
+            entries(&out),
+            [
+                ("grew".to_string(), b"0123".to_vec()),
+                ("shrank".to_string(), b"0123\0\0\0\0\0\0".to_vec()),
+                ("after".to_string(), b"0123".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_taken_while_a_file_grows_restores() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(&dir.path().canonicalize().unwrap(), "s");
+        l.create().unwrap();
+        std::fs::write(l.workspace.join("a-log"), vec![b'x'; 4 << 20]).unwrap();
+        std::fs::write(l.workspace.join("z-after"), "after").unwrap();
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let writer = {
+            let done = done.clone();
+            let mut log = std::fs::OpenOptions::new()
+                .append(true)
+                .open(l.workspace.join("a-log"))
+                .unwrap();
+            // Bounded, so a checkpoint that chases the end of the file still ends.
+            std::thread::spawn(move || {
+                for _ in 0..(32 << 20) / 4096 {
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    log.write_all(&[b'y'; 4096]).unwrap();
+                }
+            })
+        };
+        let cp = create(&l, None);
+        done.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let cp = cp.unwrap();
+        std::fs::remove_file(l.workspace.join("z-after")).unwrap();
+        restore(&l, &cp.id).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(l.workspace.join("z-after")).unwrap(),
+            "after"
+        );
+        assert!(std::fs::metadata(l.workspace.join("a-log")).unwrap().len() >= 4 << 20);
+    }
 
     #[test]
     fn sockets_and_fifos_in_the_workspace_do_not_break_a_checkpoint() {
