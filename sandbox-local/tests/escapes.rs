@@ -5,7 +5,7 @@
 mod common;
 
 use common::{run, sh};
-use sandbox_core::{FileWrite, Provider, SandboxConfig, StopMode};
+use sandbox_core::{ExecRequest, FileWrite, Provider, SandboxConfig, StopMode};
 use sandbox_local::Isolation;
 use std::os::unix::fs::symlink;
 
@@ -240,5 +240,45 @@ async fn the_callers_home_and_other_sandboxes_are_not_readable() {
         a.handle.stop(StopMode::Delete).await.unwrap();
         b.handle.stop(StopMode::Delete).await.unwrap();
         drop(root);
+    }
+}
+
+#[tokio::test]
+async fn bubblewrap_runs_commands_in_their_own_mount_pid_ipc_uts_and_network_namespaces() {
+    const NAMESPACES: [&str; 5] = ["mnt", "pid", "ipc", "uts", "net"];
+    let host: Vec<String> = NAMESPACES
+        .iter()
+        .map(|ns| {
+            std::fs::read_link(format!("/proc/self/ns/{ns}"))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let script = "for ns in mnt pid ipc uts net; do readlink /proc/self/ns/$ns; done";
+    for mode in common::modes(&[Isolation::Bwrap]).await {
+        // Without declared ports every namespace is new; with one the network is the host's.
+        for (extra, shared_net) in [("", false), (r#""ports": [18081]"#, true)] {
+            let (_root, _p, sb) = common::sandbox(mode, extra).await;
+            let ran = run(sb.handle.as_ref(), sh(script)).await;
+            assert!(ran.exit.success(), "{mode}: {ran:?}");
+            let inside: Vec<&str> = ran.stdout.lines().collect();
+            assert_eq!(inside.len(), NAMESPACES.len(), "{mode}: {ran:?}");
+            for ((ns, host), inside) in NAMESPACES.iter().zip(&host).zip(inside) {
+                let shared = *ns == "net" && shared_net;
+                assert_eq!(
+                    inside == host,
+                    shared,
+                    "{mode} {extra}: {ns} namespace inside {inside}, host {host}"
+                );
+            }
+            let ran = run(
+                sb.handle.as_ref(),
+                ExecRequest::new(["cat", "/proc/sys/kernel/hostname"]),
+            )
+            .await;
+            assert_eq!(ran.stdout.trim(), "sandbox", "{mode}: {ran:?}");
+            sb.handle.stop(StopMode::Delete).await.unwrap();
+        }
     }
 }
