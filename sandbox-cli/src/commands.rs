@@ -246,7 +246,11 @@ async fn run(
         r = &mut creating => r,
         () = interrupt.recv() => {
             interrupted = true;
-            ctx.out.note("interrupted: the sandbox is stopped once it is created");
+            ctx.out.note(if keep {
+                "interrupted: the command will not run in the new sandbox"
+            } else {
+                "interrupted: the sandbox is stopped once it is created"
+            });
             creating.await
         }
     }

@@ -624,6 +624,80 @@ fn ctrl_c_before_any_output_of_exec_kills_the_command() {
     assert_eq!(only_process(&home, &id)["status"], "killed");
 }
 
+/// Runs `sandbox ARGS` with stderr on a pseudo-terminal; returns stdout and what the terminal showed.
+fn with_terminal_stderr(home: &Home, args: &[&str]) -> (std::process::Output, String) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two new descriptors, which are owned by the `File`s below.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let reader = std::thread::spawn(move || {
+        let mut shown = Vec::new();
+        let mut master = master;
+        // Ends with EIO once the child, the last holder of the terminal's other side, exits.
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            shown.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&shown).into_owned()
+    });
+    let child = home
+        .std_cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("spawn sandbox");
+    let out = child.wait_with_output().expect("wait");
+    (out, reader.join().unwrap())
+}
+
+#[test]
+fn slow_steps_show_a_spinner_when_stderr_is_a_terminal() {
+    let home = Home::new();
+    let (out, shown) = with_terminal_stderr(&home, &["create"]);
+    assert!(out.status.success(), "{shown}");
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(id.len(), 36, "the id alone on stdout: {id:?}");
+    assert!(shown.contains("creating a local sandbox"), "{shown:?}");
+
+    let (out, shown) = with_terminal_stderr(&home, &["stop", &id]);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("stopping sandbox {id}")),
+        "{shown:?}"
+    );
+
+    // Machine-readable output never gets one.
+    let (out, shown) = with_terminal_stderr(&home, &["--json", "create"]);
+    assert!(out.status.success(), "{shown}");
+    assert!(!shown.contains("creating"), "{shown:?}");
+}
+
 // ---- machine-readable output ---------------------------------------------------------------
 
 #[test]
