@@ -592,10 +592,19 @@ async fn service_checks(r: &mut SuiteReport, provider: Arc<dyn Provider>, config
                 "created sandbox is {}",
                 rec.status
             );
+            // A streaming provider with files: the command waits (up to 20 s) for a file the
+            // check writes once it has seen `one` in the log, so `one` is in the log while the
+            // command runs however slow the machine is. Otherwise it sleeps 2 s.
+            let gated = caps.exec_stream && caps.files;
+            let gate = if gated {
+                "i=0; while [ ! -e .suite-go ] && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done"
+            } else {
+                "sleep 2"
+            };
             let run = service
                 .spawn(
                     &rec.id,
-                    CommandSpec::new(sh("echo one; echo warn >&2; sleep 2; echo two")),
+                    CommandSpec::new(sh(&format!("echo one; echo warn >&2; {gate}; echo two"))),
                 )
                 .await
                 .ctx("spawn")?;
@@ -612,6 +621,12 @@ async fn service_checks(r: &mut SuiteReport, provider: Arc<dyn Provider>, config
                 {
                     let p = service.process(&run.process_id()).await.ctx("process")?;
                     saw_one_while_running = p.status == ProcessStatus::Running;
+                    if gated {
+                        service
+                            .write_files(&rec.id, vec![FileWrite::new(".suite-go", "go")])
+                            .await
+                            .ctx("write the gate file")?;
+                    }
                 }
                 types.push(chunk.kind);
                 seqs.push(chunk.seq);
