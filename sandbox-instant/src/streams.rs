@@ -318,6 +318,22 @@ fn forget_flushed(retained: &mut String, start: &mut u64, flushed: u64) {
     *start = flushed;
 }
 
+/// The server's `error` answer to a `start-stream`. It means another writer holds the log
+/// only when it is about the reconnect token; anything else (permissions, server trouble)
+/// is a failure of the store.
+fn start_refused(client_id: &str, reply: &Value) -> Error {
+    let msg = reply["message"].as_str().unwrap_or("refused by the server");
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("reconnect token") || lower.contains("already") {
+        writer_exists(client_id, msg)
+    } else {
+        InstantError::Channel {
+            message: msg.to_string(),
+        }
+        .into_core(&Op::Stream(client_id.to_string()))
+    }
+}
+
 /// The writer's state, shared with its batching timer.
 struct WriterCore {
     sink: Arc<SinkInner>,
@@ -389,8 +405,7 @@ impl WriterCore {
                     .await
                     .map_err(|e| e.into_core(&op))?;
                 if reply["op"] == "error" {
-                    let msg = reply["message"].as_str().unwrap_or("refused");
-                    return Err(writer_exists(&self.client_id, msg));
+                    return Err(start_refused(&self.client_id, &reply));
                 }
                 self.session = session;
                 self.events = events;
@@ -930,10 +945,7 @@ impl InstantSink {
                 )
                 .await;
             match reply {
-                Ok(r) if r["op"] == "error" => {
-                    let msg = r["message"].as_str().unwrap_or("refused by the server");
-                    return Err(writer_exists(client_id, msg));
-                }
+                Ok(r) if r["op"] == "error" => return Err(start_refused(client_id, &r)),
                 Ok(r) => {
                     let offset = r["offset"].as_u64().unwrap_or(0);
                     if offset != 0 {

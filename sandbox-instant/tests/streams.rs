@@ -333,3 +333,31 @@ async fn a_failed_append_is_not_acknowledged_and_can_be_written_again() {
         .collect();
     assert_eq!(seqs, [1, 2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_is_a_writer_conflict_only_when_the_server_says_the_log_is_taken() {
+    let emu = common::emulator().await;
+    let b = common::backend(&emu);
+    let pid = ProcessId::new();
+    emu.fail_next_stream_op("start-stream", "permission denied for $streams");
+    let e = b.logs.open_writer(&pid).await.err().unwrap();
+    assert_eq!(e.code(), "store_error", "{e}");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+
+    // The refusal left no writer behind: the log can be opened now.
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
+    w.append(ChunkType::Stdout, text(1)).await.unwrap();
+    w.flush().await.unwrap();
+
+    // Another process's writer with its own reconnect token is refused by the server.
+    let other_uri = emu.base_url().replace("127.0.0.1", "localhost");
+    let other = sandbox_instant::backend(
+        sandbox_instant::InstantConfig::new(common::APP_ID, common::TOKEN, &other_uri).unwrap(),
+    )
+    .unwrap();
+    let e = other.logs.open_writer(&pid).await.err().unwrap();
+    assert_eq!(e.code(), "sandbox_process_stream_writer_exists", "{e}");
+    w.close().await.unwrap();
+}

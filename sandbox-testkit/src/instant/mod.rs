@@ -17,7 +17,7 @@
 //!
 //! Fault switches: [`InstantEmulator::drop_sse_sessions`], [`InstantEmulator::fail_next`],
 //! [`InstantEmulator::rate_limit_next`], [`InstantEmulator::respond_raw_next`],
-//! [`InstantEmulator::fail_next_subscription`],
+//! [`InstantEmulator::fail_next_subscription`], [`InstantEmulator::fail_next_stream_op`],
 //! [`InstantEmulator::set_latency`], [`InstantEmulator::set_flush_byte_limit`]; every request is
 //! in [`InstantEmulator::requests`].
 //!
@@ -107,8 +107,8 @@ struct Inner {
     by_client: HashMap<String, String>,
     files: HashMap<String, Vec<u8>>,
     flush_limit: usize,
-    /// Messages of `error` answers for the next subscribe-stream messages.
-    subscribe_errors: Vec<String>,
+    /// `(op, message)`: `error` answers for the next stream messages with that op.
+    stream_op_errors: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -162,7 +162,7 @@ impl InstantEmulator {
                 by_client: HashMap::new(),
                 files: HashMap::new(),
                 flush_limit: DEFAULT_FLUSH_BYTE_LIMIT,
-                subscribe_errors: Vec::new(),
+                stream_op_errors: Vec::new(),
             }),
             faults: Mutex::new(Faults::default()),
             log: Mutex::new(Vec::new()),
@@ -244,9 +244,16 @@ impl InstantEmulator {
 
     /// Answers the next subscribe-stream with an `error` message on the SSE channel.
     pub fn fail_next_subscription(&self, message: &str) {
+        self.fail_next_stream_op("subscribe-stream", message);
+    }
+
+    /// Answers the next stream message with `op` (`start-stream`, `append-stream`,
+    /// `subscribe-stream`) with an `error` message carrying `message` on the SSE channel,
+    /// instead of handling it.
+    pub fn fail_next_stream_op(&self, op: &str, message: &str) {
         lock(&self.shared.inner)
-            .subscribe_errors
-            .push(message.to_string());
+            .stream_op_errors
+            .push((op.to_string(), message.to_string()));
     }
 
     /// Delays every request by `latency`.
@@ -588,6 +595,12 @@ async fn sse_push(
 
 fn handle_message(g: &mut Inner, base: &str, session: &str, msg: &Value, out: &mut Vec<Value>) {
     let event_id = msg["client-event-id"].clone();
+    let op = msg["op"].as_str().unwrap_or_default();
+    if let Some(i) = g.stream_op_errors.iter().position(|(o, _)| o == op) {
+        let (_, m) = g.stream_op_errors.remove(i);
+        out.push(error_msg(&event_id, msg, &m));
+        return;
+    }
     match msg["op"].as_str().unwrap_or_default() {
         "start-stream" => {
             let (Some(client_id), Some(token)) =
@@ -694,10 +707,6 @@ fn handle_message(g: &mut Inner, base: &str, session: &str, msg: &Value, out: &m
             if done {
                 notify_done(g, &sid);
             }
-        }
-        "subscribe-stream" if !g.subscribe_errors.is_empty() => {
-            let m = g.subscribe_errors.remove(0);
-            out.push(error_msg(&event_id, msg, &m));
         }
         "subscribe-stream" => {
             let sub = Sub {
