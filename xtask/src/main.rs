@@ -141,3 +141,57 @@ fn instant_schema() -> Result<(), String> {
         false,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps() -> Vec<String> {
+        CI_STEPS.iter().map(|s| s.join(" ")).collect()
+    }
+
+    #[test]
+    fn ci_checks_formatting_lints_and_tests() {
+        let steps = steps();
+        assert!(
+            steps.contains(&"fmt --all -- --check".to_string()),
+            "{steps:?}"
+        );
+        assert!(
+            steps.contains(&"clippy --workspace --all-targets -- -D warnings".to_string()),
+            "{steps:?}"
+        );
+        assert!(steps.contains(&"test --workspace".to_string()), "{steps:?}");
+    }
+
+    #[test]
+    fn the_ci_script_runs_the_same_cargo_commands() {
+        let script = std::fs::read_to_string(root().join(".ci/run")).unwrap();
+        let commands: Vec<String> = script
+            .lines()
+            .map(str::trim)
+            .filter_map(|l| l.strip_prefix("cargo "))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(commands, steps());
+    }
+
+    #[test]
+    fn the_readme_test_command_is_a_ci_step() {
+        let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+        let steps = steps();
+        let tests: Vec<&str> = readme
+            .lines()
+            .map(str::trim)
+            .filter_map(|l| l.strip_prefix("cargo test"))
+            .collect();
+        assert!(!tests.is_empty(), "README.md names no `cargo test` command");
+        for t in tests {
+            let step = format!("test{t}");
+            assert!(
+                steps.contains(&step),
+                "README's `cargo {step}` is not a CI step"
+            );
+        }
+    }
+}
