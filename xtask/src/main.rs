@@ -177,7 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_test_command_is_a_ci_step() {
+    fn the_readme_names_the_ci_test_command() {
         let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
         let steps = steps();
         let tests: Vec<&str> = readme
@@ -185,13 +185,9 @@ mod tests {
             .map(str::trim)
             .filter_map(|l| l.strip_prefix("cargo test"))
             .collect();
-        assert!(!tests.is_empty(), "README.md names no `cargo test` command");
-        for t in tests {
-            let step = format!("test{t}");
-            assert!(
-                steps.contains(&step),
-                "README's `cargo {step}` is not a CI step"
-            );
-        }
+        assert!(
+            tests.iter().any(|t| steps.contains(&format!("test{t}"))),
+            "none of README.md's test commands {tests:?} is a CI step"
+        );
     }
 }
