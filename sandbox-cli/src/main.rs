@@ -52,7 +52,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::output::{Output, EXIT_ERROR};
+use crate::output::{Output, EXIT_ERROR, EXIT_USAGE};
 
 // Name every backend crate so its `inventory` registration is linked into the binary.
 #[allow(unused_imports)]
@@ -266,8 +266,41 @@ fn init_tracing(g: &Global) {
         .try_init();
 }
 
+/// Parses the command line; a usage error is `{"error": {...}}` on stderr when `--json` was given.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    let err = match Cli::try_parse() {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    // `use_stderr` is false for --help and --version, which are not errors.
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if !json || !err.use_stderr() {
+        err.exit();
+    }
+    let rendered = err.render().to_string();
+    let message = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    let error = serde_json::json!({
+        "code": "sandbox_usage_invalid",
+        "message": message,
+        "context": "read the command line",
+        "hint": "see `sandbox --help`",
+    });
+    eprintln!("{}", serde_json::json!({ "error": error }));
+    Err(ExitCode::from(EXIT_USAGE))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     init_tracing(&cli.global);
     let out = Output {
         json: cli.global.json,

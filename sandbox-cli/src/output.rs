@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 /// Exit code of a failure of `sandbox` itself (store, provider, bad input, not found).
 pub const EXIT_ERROR: u8 = 1;
+/// Exit code of a usage error (unknown option, missing or malformed argument), as clap's.
+pub const EXIT_USAGE: u8 = 2;
 /// Exit code of `run`/`exec` when `sandbox` itself failed before or around the command, so it
 /// cannot be confused with the command's own exit code 1 (the `docker run` convention).
 pub const EXIT_RUN_ERROR: u8 = 125;

@@ -1093,6 +1093,25 @@ fn version_and_usage_errors() {
     );
     let usage = home.cmd().args(["run"]).output().unwrap();
     assert_eq!(usage.status.code(), Some(2), "run needs a command");
+    // With --json a usage error is a JSON error too.
+    let (code, err) = home.json_err(&["port", "x", "99999"]);
+    assert_eq!(code, 2);
+    assert_eq!(err["code"], "sandbox_usage_invalid");
+    assert!(err["message"].as_str().unwrap().contains("99999"), "{err}");
+    let (code, err) = home.json_err(&["nosuchcommand"]);
+    assert_eq!(
+        (code, err["code"].as_str()),
+        (2, Some("sandbox_usage_invalid"))
+    );
+    // ...but --help stays help, and a `--json` after `--` belongs to the command.
+    home.ok(&["--json", "--help"]);
+    let usage = home
+        .cmd()
+        .args(["--bogus", "run", "--", "echo", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).starts_with("error: "));
     assert_eq!(
         home.json(&["ls"]),
         serde_json::json!([]),
