@@ -341,3 +341,20 @@ async fn listing_with_a_limit_breaks_start_time_ties_by_id() {
     let got: Vec<_> = got.iter().map(|p| (p.started_at, p.id)).collect();
     assert_eq!(got, ids[..3].to_vec());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulator_delays_every_request_by_the_latency_switched_on() {
+    let emu = common::emulator().await;
+    let store = common::backend(&emu).records;
+    let id = SandboxId::new();
+    assert_eq!(store.get_sandbox(&id).await.unwrap(), None);
+    let latency = Duration::from_millis(150);
+    emu.set_latency(latency);
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        assert_eq!(store.get_sandbox(&id).await.unwrap(), None);
+        assert!(started.elapsed() >= latency, "{:?}", started.elapsed());
+    }
+    emu.set_latency(Duration::ZERO);
+    assert_eq!(emu.requests().len(), 3, "each request is logged once");
+}
