@@ -162,6 +162,7 @@ pub struct ReconcileReport {
 
 struct Running {
     sandbox_id: SandboxId,
+    provider: String,
     control: Option<Arc<dyn ExecControl>>,
     killed: Arc<AtomicBool>,
     done: watch::Receiver<Option<ProcessOutcome>>,
@@ -931,6 +932,7 @@ impl SandboxService {
             pid,
             Running {
                 sandbox_id: *id,
+                provider: record.provider.clone(),
                 control: exec.control.clone(),
                 killed: killed.clone(),
                 done: done_rx.clone(),
@@ -1242,21 +1244,27 @@ impl SandboxService {
     /// # Errors
     /// Not found when this service does not run it; the provider's kill error.
     pub async fn kill(&self, pid: &ProcessId) -> Result<()> {
-        let (control, killed) = {
+        let (control, killed, provider) = {
             let g = lock(&self.inner.running);
             let r = g
                 .get(pid)
                 .ok_or_else(|| Error::not_found(Missing::Process, pid.to_string()))?;
-            (r.control.clone(), r.killed.clone())
+            (r.control.clone(), r.killed.clone(), r.provider.clone())
         };
-        killed.store(true, Ordering::SeqCst);
-        match control {
-            Some(c) => c.kill().await,
-            None => Err(Error::Unsupported {
-                provider: "unknown".into(),
+        let Some(control) = control else {
+            return Err(Error::Unsupported {
+                provider,
                 operation: "kill",
-            }),
+            });
+        };
+        // Only a kill that was delivered makes the end `killed`; a failed one leaves the
+        // process to end as it will.
+        killed.store(true, Ordering::SeqCst);
+        let result = control.kill().await;
+        if result.is_err() {
+            killed.store(false, Ordering::SeqCst);
         }
+        result
     }
 
     // ---- logs --------------------------------------------------------------------------

@@ -963,6 +963,51 @@ async fn kill_ends_a_running_process_as_killed() {
     drop(tx);
 }
 
+#[tokio::test]
+async fn a_kill_that_cannot_be_delivered_does_not_mark_the_process_killed() {
+    // No kill control at all, then a control whose kill fails: both are errors, and the
+    // command that then exits 0 is `exited`, not `killed`.
+    for with_control in [false, true] {
+        let (tx, mut exec) = live();
+        if with_control {
+            let mut control = MockExecControl::new();
+            control.expect_kill().times(1).returning(|| {
+                Err(Error::Transient {
+                    provider: "local".into(),
+                    message: "connection reset".into(),
+                })
+            });
+            exec.control = Some(Arc::new(control));
+        }
+        let mut h = handle();
+        h.expect_exec().times(1).return_once(move |_| Ok(exec));
+        let (f, sid) = warm(h, Coalescing::default()).await;
+        let run = f
+            .svc
+            .spawn(&sid, CommandSpec::new(ExecRequest::new(["sleep", "60"])))
+            .await
+            .unwrap();
+        let err = run.kill().await.unwrap_err();
+        if with_control {
+            assert_eq!(err.code(), "transient", "{err}");
+        } else {
+            assert_eq!(err.code(), "kill_not_supported", "{err}");
+            assert!(!err.to_string().contains("unknown"), "{err}");
+        }
+        tx.send(Ok(ExecEvent::Exit(ExitStatus::code(0)))).unwrap();
+        let outcome = wait(&run).await.unwrap();
+        assert_eq!(
+            outcome.status,
+            ProcessStatus::Exited,
+            "control: {with_control}"
+        );
+        assert_eq!(
+            f.process(&run.process_id()).await.status,
+            ProcessStatus::Exited
+        );
+    }
+}
+
 // ---- warm operations ---------------------------------------------------------------------
 
 #[tokio::test]
