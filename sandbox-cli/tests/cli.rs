@@ -835,6 +835,39 @@ fn config_file_is_the_typescript_packages_json() {
 }
 
 #[test]
+fn store_and_provider_options_beat_their_environment_variables() {
+    let home = Home::new();
+    let other = format!("sqlite://{}", home.path().join("other.db").display());
+    let created = home.json(&["--store", &other, "create"]);
+    assert_eq!(created["provider"], "local");
+    // The sandbox is in the --store database, not in SANDBOX_STORE's.
+    assert_eq!(home.json(&["ls"]), serde_json::json!([]));
+    let listed = home.json(&["--store", &other, "ls"]);
+    assert_eq!(listed[0]["id"], created["id"]);
+    let doctor = home.json(&["--store", &other, "doctor"]);
+    assert!(
+        doctor["store"]["location"]
+            .as_str()
+            .unwrap()
+            .contains("other.db"),
+        "{doctor}"
+    );
+
+    let out = home
+        .cmd()
+        .args(["--json", "--provider", "local", "create"])
+        .env("SANDBOX_PROVIDER", "nosuch")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(home.json(&["ls"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
 fn verbose_logs_go_to_stderr_and_quiet_silences_notes() {
     let home = Home::new();
     let out = home
@@ -1077,6 +1110,55 @@ fn readme_commands_exist_as_written() {
             root.join(p).join("Cargo.toml").exists(),
             "README names package {p}, which does not exist"
         );
+    }
+}
+
+/// The usages in the first column of the README's table of `sandbox` commands, e.g.
+/// `run [--keep] [-p PORT]... -- CMD...`.
+fn readme_usages() -> Vec<String> {
+    let (readme, _, _) = readme_commands();
+    let text = std::fs::read_to_string(readme).unwrap();
+    let table = text
+        .split_once("## The `sandbox` command")
+        .expect("the README has a section on the `sandbox` command")
+        .1;
+    table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| cell.split(" / ").map(str::to_string).collect::<Vec<_>>())
+        .map(|u| u.trim().trim_matches('`').to_string())
+        .filter(|u| !u.is_empty() && !u.starts_with("Command") && !u.starts_with('-'))
+        .collect()
+}
+
+#[test]
+fn readme_command_table_names_real_commands_and_options() {
+    let usages = readme_usages();
+    assert!(usages.len() >= 15, "{usages:?}");
+    let home = Home::new();
+    for usage in &usages {
+        let sub = usage.split_whitespace().next().unwrap();
+        let help = home.ok(&[sub, "--help"]);
+        let flags = usage
+            .split_whitespace()
+            .map(|w| w.trim_start_matches('['))
+            .filter(|w| w.starts_with('-') && *w != "--");
+        for flag in flags {
+            let flag: String = flag
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            let known = help.match_indices(&flag).any(|(i, _)| {
+                let next = help[i + flag.len()..].chars().next();
+                !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+            assert!(
+                known,
+                "README: `sandbox {usage}`: {sub} has no option {flag}"
+            );
+        }
     }
 }
 
