@@ -130,7 +130,8 @@
 //! # Benchmarks
 //!
 //! `cargo bench -p sandbox-sqlite --bench ingest` (64 KiB and 100-byte chunks against a plain
-//! file, in the same run) and `cargo bench -p sandbox-sqlite --bench end_to_end` (a `local`
+//! file, in the same run: the same pre-encoded NDJSON lines appended one by one on both sides,
+//! and, separately, raw output through `ChunkWriter`, which adds JSON encoding) and `cargo bench -p sandbox-sqlite --bench end_to_end` (a `local`
 //! sandbox command printing 256 MiB, recorded through the service, against the same command
 //! writing to a plain file; with peak memory).
 //!
