@@ -89,10 +89,18 @@ async fn sqlite(dir: &std::path::Path, size: usize, chunks: u64) -> Figure {
     let wal = std::fs::metadata(format!("{}-wal", path.display()))
         .map(|m| m.len())
         .unwrap_or(0);
+    let segments: u64 = std::fs::read_dir(format!("{}.logs", path.display()))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
     println!(
-        "  (write-ahead log at close: {:.1} MiB; database: {:.1} MiB)",
+        "  (at close: write-ahead log {:.1} MiB, database {:.1} MiB, segments {:.1} MiB)",
         wal as f64 / 1048576.0,
-        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0
+        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0,
+        segments as f64 / 1048576.0
     );
     drop(db);
     remove_database(&path);
