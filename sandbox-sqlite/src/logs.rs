@@ -295,9 +295,10 @@ struct SqliteAppender {
     process_id: ProcessId,
     /// The log's segment file (file databases).
     segment: Option<Arc<SegmentFile>>,
-    /// Where the next entry starts: the log's indexed end.
-    next_seq: u64,
-    next_offset: u64,
+    /// The seq and byte offset of the next entry: the log's indexed end. Held by each append
+    /// from its segment write to its commit and advanced by the append itself, so an append
+    /// whose future was dropped while its database work ran on is accounted for.
+    position: Arc<Mutex<Position>>,
     stream_id: String,
     token: Arc<LiveToken>,
     notify: Arc<watch::Sender<u64>>,
@@ -369,26 +370,42 @@ fn append_tx(
     Ok(())
 }
 
-/// One append: the lines go to the segment at the indexed end `start` (over any bytes a failed
+/// The seq and byte offset of a log's next entry.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    seq: u64,
+    offset: u64,
+}
+
+/// One append: the lines go to the segment at the indexed end (over any bytes a failed
 /// earlier attempt left there), then their index rows are committed. A chunk is visible, and
-/// acknowledged, only once both happened.
+/// acknowledged, only once both happened. The writer's position is held throughout, so two
+/// appends never interleave and a batch that does not continue the log is refused before
+/// anything is written.
 fn append_op(
     c: &mut Connection,
     id: &ProcessId,
     token: &LiveToken,
     segment: Option<&SegmentFile>,
-    start: u64,
+    position: &Mutex<Position>,
     batch: &[LogEntry],
 ) -> DbResult<()> {
+    let mut pos = position.lock().unwrap_or_else(|p| p.into_inner());
+    check_batch(pos.seq, pos.offset, batch)?;
     if let Some(segment) = segment {
-        let mut at = start;
         for e in batch {
-            segment.write_at(e.line.as_bytes(), at)?;
-            at = e.end();
+            segment.write_at(e.line.as_bytes(), e.offset)?;
         }
     }
     let heads: Vec<_> = batch.iter().map(|e| chunk_head(&e.line)).collect();
-    append_tx(c, id, token.as_str(), batch, &heads, segment.is_none())
+    append_tx(c, id, token.as_str(), batch, &heads, segment.is_none())?;
+    if let Some(last) = batch.last() {
+        *pos = Position {
+            seq: last.seq + 1,
+            offset: last.end(),
+        };
+    }
+    Ok(())
 }
 
 /// A commit with `synchronous = FULL`: fsyncs the write-ahead log, and with it every commit
@@ -496,33 +513,29 @@ impl LogAppender for SqliteAppender {
         if entries.is_empty() {
             return Ok(());
         }
-        // The single writer knows where its log ends: refuse a gap before writing anything.
-        check_batch(self.next_seq, self.next_offset, entries)?;
         // What the commit adds to the write-ahead log: a few b-tree pages (plus the lines in
         // an in-memory database, which has no write-ahead log).
         let bytes: u64 = 3 * 4096 + 64 * entries.len() as u64;
-        let (id, start) = (self.process_id, self.next_offset);
+        let id = self.process_id;
         let in_place = self
             .db
             .run_in_place("append to log", |c| {
-                append_op(c, &id, &self.token, self.segment.as_deref(), start, entries)
+                let segment = self.segment.as_deref();
+                append_op(c, &id, &self.token, segment, &self.position, entries)
             })
             .await;
         match in_place {
             Some(result) => result?,
             None => {
                 let (token, segment) = (self.token.clone(), self.segment.clone());
+                let position = self.position.clone();
                 let batch: Vec<_> = entries.to_vec();
                 self.db
                     .run("append to log", move |c| {
-                        append_op(c, &id, &token, segment.as_deref(), start, &batch)
+                        append_op(c, &id, &token, segment.as_deref(), &position, &batch)
                     })
                     .await?
             }
-        }
-        if let Some(last) = entries.last() {
-            self.next_seq = last.seq + 1;
-            self.next_offset = last.end();
         }
         self.db.wrote(bytes);
         self.notify.send_modify(|v| *v += 1);
@@ -647,8 +660,7 @@ impl StreamSink for SqliteSink {
             db: self.db.clone(),
             process_id: id,
             segment,
-            next_seq: 1,
-            next_offset: 0,
+            position: Arc::new(Mutex::new(Position { seq: 1, offset: 0 })),
             stream_id,
             token,
             notify,

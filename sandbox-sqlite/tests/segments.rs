@@ -239,3 +239,38 @@ async fn an_in_memory_database_keeps_lines_without_files() {
     let sink: &dyn StreamSink = &db.logs();
     assert_eq!(sink.name(), "sqlite");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_out_of_order_is_refused_before_the_segment_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sandbox.db");
+    let db = open(&path);
+    let logs = db.logs();
+    let process = ProcessId::new();
+    let mut w = logs.open_writer(&process).await.unwrap();
+    let first = sandbox_core::LogEntry {
+        seq: 1,
+        offset: 0,
+        line: "{\"first\":1}\n".into(),
+    };
+    w.append(std::slice::from_ref(&first)).await.unwrap();
+    let before = std::fs::read(only_segment(&path)).unwrap();
+    // Seq 1 again, at offset 0: it would overwrite the acknowledged line.
+    let again = sandbox_core::LogEntry {
+        line: "{\"other\":1}\n".into(),
+        ..first.clone()
+    };
+    let e = w.append(&[again]).await.unwrap_err();
+    assert_eq!(e.code(), "sandbox_process_stream_gap");
+    assert_eq!(std::fs::read(only_segment(&path)).unwrap(), before);
+    let next = sandbox_core::LogEntry {
+        seq: 2,
+        offset: first.end(),
+        line: "{\"second\":2}\n".into(),
+    };
+    w.append(&[next]).await.unwrap();
+    w.close().await.unwrap();
+    let page = logs.read(&process, ReadFrom::START, 10).await.unwrap();
+    let lines: Vec<_> = page.entries.iter().map(|e| e.line.as_str()).collect();
+    assert_eq!(lines, ["{\"first\":1}\n", "{\"second\":2}\n"]);
+}
