@@ -1,7 +1,8 @@
 //! Connections and the blocking-work bridge.
 //!
-//! rusqlite is synchronous: every operation runs on tokio's blocking pool with a connection
-//! taken from a small per-database pool (file databases open more connections on demand; an
+//! rusqlite is synchronous: every operation runs on tokio's blocking pool (log appends on a
+//! multi-thread runtime run in place instead, with `block_in_place`) with a connection taken
+//! from a small per-database pool (file databases open more connections on demand; an
 //! in-memory database has exactly one). Writes use `BEGIN IMMEDIATE`, so a transaction never
 //! has to upgrade a read lock; a busy database is waited for (busy timeout) and the whole
 //! operation is retried with backoff until the busy deadline, so `SQLITE_BUSY` never reaches a

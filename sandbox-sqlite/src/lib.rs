@@ -153,7 +153,8 @@
 //! # Concurrency
 //!
 //! SQLite calls run on tokio's blocking pool, at most 8 at once per database, each on a pooled
-//! connection. Writes take the write lock up front (`BEGIN IMMEDIATE`); a busy database is
+//! connection; log appends on a multi-thread runtime run in place (`block_in_place`), which
+//! spares a hand-off between threads and a copy of the lines on every append. Writes take the write lock up front (`BEGIN IMMEDIATE`); a busy database is
 //! waited for (busy timeout, 5 s) and the operation retried with backoff until
 //! [`SqliteConfig::busy_deadline`] (60 s), after which it fails with a retryable
 //! [`Error::Store`](sandbox_core::Error::Store). Nothing is half-written: every operation is
