@@ -1,7 +1,8 @@
 //! Connections and the blocking-work bridge.
 //!
-//! rusqlite is synchronous: every operation runs on tokio's blocking pool with a connection
-//! taken from a small per-database pool (file databases open more connections on demand; an
+//! rusqlite is synchronous: every operation runs on tokio's blocking pool (log appends on a
+//! multi-thread runtime run in place instead, with `block_in_place`) with a connection taken
+//! from a small per-database pool (file databases open more connections on demand; an
 //! in-memory database has exactly one). Writes use `BEGIN IMMEDIATE`, so a transaction never
 //! has to upgrade a read lock; a busy database is waited for (busy timeout) and the whole
 //! operation is retried with backoff until the busy deadline, so `SQLITE_BUSY` never reaches a
@@ -20,6 +21,7 @@ use crate::checkpoint::Checkpointer;
 use crate::config::{Location, SqliteConfig};
 use crate::error::{self, DbError, DbResult};
 use crate::schema;
+use crate::segment::Segments;
 
 /// Operations of one database running at once (and so its connections, all kept open): SQLite
 /// serialises writers anyway, and a cap keeps a burst of tasks from opening a connection each.
@@ -41,6 +43,9 @@ pub(crate) struct Db {
     memory: Option<Mutex<Connection>>,
     /// Background checkpoints of a file database.
     checkpointer: Option<Checkpointer>,
+    /// Where a file database keeps its logs' bytes; `None` for an in-memory database, whose
+    /// lines stay in its chunk rows.
+    pub(crate) segments: Option<Segments>,
 }
 
 impl std::fmt::Debug for Db {
@@ -73,6 +78,7 @@ impl Db {
                     permits: tokio::sync::Semaphore::new(MAX_CONCURRENT),
                     memory: Some(Mutex::new(conn)),
                     checkpointer: None,
+                    segments: None,
                 }))
             }
             Location::File(path) => {
@@ -84,6 +90,7 @@ impl Db {
                     .and_then(|c| configure(&c, config).map(|_| c))
                     .map_err(|e| e.into_core(&label, "open"))?;
                 schema::migrate(&mut conn, &label).map_err(|e| e.into_core(&label, "migrate"))?;
+                let segments = Segments::open(path)?;
                 let key = std::fs::canonicalize(path)
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| label.clone());
@@ -96,6 +103,7 @@ impl Db {
                     permits: tokio::sync::Semaphore::new(MAX_CONCURRENT),
                     memory: None,
                     checkpointer,
+                    segments: Some(segments),
                 }))
             }
         }
@@ -133,6 +141,31 @@ impl Db {
                 ),
             )),
         }
+    }
+
+    /// Runs `op` like [`Db::run`], but on the calling thread when the runtime can lend it
+    /// (`block_in_place` on a multi-thread runtime): no hand-off to another thread and no
+    /// need for `op` to own its data. Returns `None`, without running `op`, on a
+    /// current-thread runtime (or outside a runtime): use [`Db::run`] there.
+    pub(crate) async fn run_in_place<T, F>(
+        &self,
+        operation: &'static str,
+        op: F,
+    ) -> Option<Result<T>>
+    where
+        F: FnMut(&mut Connection) -> DbResult<T>,
+    {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        if !matches!(
+            Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(RuntimeFlavor::MultiThread)
+        ) {
+            return None;
+        }
+        let _permit = self.permits.acquire().await.ok();
+        Some(tokio::task::block_in_place(|| {
+            self.run_blocking(operation, op)
+        }))
     }
 
     /// [`Db::run`] on the current thread.

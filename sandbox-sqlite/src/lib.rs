@@ -2,7 +2,9 @@
 //! sandbox service.
 //!
 //! One SQLite file holds every sandbox and process record ([`SqliteStore`], a
-//! [`RecordStore`]) and every process's output log ([`SqliteSink`], a [`StreamSink`]). A
+//! [`RecordStore`]) and the index of every process's output log ([`SqliteSink`], a
+//! [`StreamSink`]); the log bytes themselves live in one append-only segment file per log in a
+//! directory next to it (see "Files and schema"). A
 //! caller that crashes and restarts opens the same file and finds every sandbox and process,
 //! reads their output from any `seq` or byte offset, and — through
 //! [`SandboxService::reconcile`](sandbox_core::SandboxService::reconcile) — learns which
@@ -17,7 +19,7 @@
 //! | durability | each acknowledged append survives `kill -9` of the writer; `flush`/`close` survive power loss |
 //! | crash detection | writer liveness by pid + pid start time + boot id (Linux); see below |
 //! | concurrency | many tasks and several OS processes on one file; `SQLITE_BUSY` never reaches a caller |
-//! | memory | logs are not held in memory: reads and `follow` page through the database (`follow` at most 256 entries or 1 MiB at a time) |
+//! | memory | logs are not held in memory: reads and `follow` page through the index and segment files (`follow` at most 256 entries or 1 MiB at a time) |
 //!
 //! # Store URLs
 //!
@@ -41,7 +43,20 @@
 //! # Files and schema
 //!
 //! A missing database file is created with mode 0600 (its `-wal` and `-shm` files get the same
-//! mode from SQLite), and a missing parent directory with mode 0700. The database runs in WAL
+//! mode from SQLite), and a missing parent directory with mode 0700. Log bytes live next to
+//! it:
+//!
+//! ```text
+//! /path/sandbox.db            records and the log index (SQLite)
+//! /path/sandbox.db-wal, -shm  SQLite's write-ahead log and shared memory
+//! /path/sandbox.db.logs/      segment directory, mode 0700
+//!     <logId>.ndjson          one log's NDJSON lines, back to back, mode 0600
+//! ```
+//!
+//! A segment file holds exactly the bytes of its log (the concatenation a reader reassembles),
+//! written once; SQLite holds one small index row per line (its offset and length in the
+//! file). Only in-memory databases (`sqlite::memory:`) keep lines in SQLite, in the index
+//! rows. The database runs in WAL
 //! mode with `synchronous = NORMAL` and a busy timeout. The schema is versioned with
 //! `PRAGMA user_version` and migrated on open ([`SCHEMA_VERSION`]); the file is tagged with
 //! `PRAGMA application_id` [`APPLICATION_ID`]. A file that is not a SQLite database, a
@@ -61,26 +76,43 @@
 //!   `streamAbortReason`, `startedAt`, `updatedAt`, `exitedAt`, `metadata` JSON);
 //! - `sandbox_process_logs`: one row per log (`logId`, `processId`, `streamId`, `state`
 //!   open/closed/aborted, `abortReason`, times, and the writer's identity);
-//! - `sandbox_process_chunks`: one row per chunk (`logId`, `seq`, `byteOffset`,
-//!   `byteLength`, `at`, `type`, `line` — the NDJSON line exactly as written). A log's entry
-//!   count and size are those of its last chunk, so an append writes no counter row.
+//! - `sandbox_process_chunks`: one index row per chunk (`logId`, `seq`, `byteOffset`,
+//!   `byteLength`, `at`, `type`; `line`, the NDJSON line, only in in-memory databases), keyed
+//!   by (`logId`, `seq`). The line is the byte range
+//!   [`byteOffset`, `byteOffset + byteLength`) of `<database>.logs/<logId>.ndjson`. A log's
+//!   entry count and size are those of its last chunk, so an append writes no counter row.
 //!
 //! # Durability
 //!
-//! Every [`LogAppender::append`](sandbox_core::LogAppender::append) is one committed
-//! transaction before it returns. In WAL mode with `synchronous = NORMAL` a commit is in the
-//! operating system's page cache when it returns, so an acknowledged chunk survives
-//! `kill -9` (or any crash) of the writing process; it can be lost only if the machine itself
-//! crashes or loses power before the write-ahead log is next synced (by a checkpoint, `flush`
-//! or `close`). `flush`, `close` and `abort` commit with
-//! `synchronous = FULL`, which fsyncs the write-ahead log and so every earlier commit: after
-//! they return the log survives power loss too.
+//! Every [`LogAppender::append`](sandbox_core::LogAppender::append) first writes its lines to
+//! the log's segment file, at the log's indexed end (a positional write), then commits their
+//! index rows in one transaction before it returns: a chunk is acknowledged, and visible to
+//! readers, once its index row is committed. Both the write and a commit in WAL mode with
+//! `synchronous = NORMAL` are in the operating system's page cache when they return, so an
+//! acknowledged chunk survives `kill -9` (or any crash) of the writing process. A writer that
+//! dies between the two leaves bytes past the indexed end of its segment: readers read the
+//! byte ranges of indexed rows only, so such a torn tail is never read (and a later append at
+//! that offset would overwrite it). An acknowledged chunk can be lost only if the machine
+//! itself crashes or loses power before the next `flush`. `flush`, `close` and `abort` fsync
+//! the segment file and then commit with `synchronous = FULL`, which fsyncs the write-ahead
+//! log and so every earlier commit: after they return the log survives power loss too.
 //!
-//! Copying the write-ahead log into the database (a checkpoint, with its fsyncs) is kept out
-//! of the writers' commits: SQLite's automatic checkpoint is off and a background thread per
-//! open file runs a `PASSIVE` checkpoint after about 32 MiB of log writes or a second of
-//! quiet, and a `RESTART` checkpoint once the log passes 64 MiB, so the `-wal` file stays
-//! bounded (`journal_size_limit` 64 MiB) during a long stream.
+//! Chunk bytes are written once (to the segment); the write-ahead log and the database see
+//! only index rows of a few dozen bytes. Copying the write-ahead log into the database (a
+//! checkpoint, with its fsyncs) is kept out of the writers' commits: SQLite's automatic
+//! checkpoint is off and a background thread per open file runs a `PASSIVE` checkpoint after
+//! about 32 MiB of log writes or a second of quiet, and a `RESTART` checkpoint once the log
+//! passes 64 MiB, so the `-wal` file stays bounded (`journal_size_limit` 64 MiB).
+//!
+//! # Backups
+//!
+//! A backup must copy the database **and** its `.logs` directory; a database without its
+//! segments still opens, but reading a log whose segment is missing fails with a store error
+//! naming the file. For a consistent copy while writers run: copy the database first (with
+//! SQLite's online backup API or `VACUUM INTO`, which give a consistent snapshot), then the
+//! `.logs` directory. Bytes below a log's indexed end are never rewritten, so
+//! segments copied after the database hold everything its index refers to (anything more is
+//! past the index and ignored).
 //!
 //! # Writer liveness
 //!
@@ -121,7 +153,8 @@
 //! # Concurrency
 //!
 //! SQLite calls run on tokio's blocking pool, at most 8 at once per database, each on a pooled
-//! connection. Writes take the write lock up front (`BEGIN IMMEDIATE`); a busy database is
+//! connection; log appends on a multi-thread runtime run in place (`block_in_place`), which
+//! spares a hand-off between threads and a copy of the lines on every append. Writes take the write lock up front (`BEGIN IMMEDIATE`); a busy database is
 //! waited for (busy timeout, 5 s) and the operation retried with backoff until
 //! [`SqliteConfig::busy_deadline`] (60 s), after which it fails with a retryable
 //! [`Error::Store`](sandbox_core::Error::Store). Nothing is half-written: every operation is
@@ -130,7 +163,8 @@
 //! # Benchmarks
 //!
 //! `cargo bench -p sandbox-sqlite --bench ingest` (64 KiB and 100-byte chunks against a plain
-//! file, in the same run) and `cargo bench -p sandbox-sqlite --bench end_to_end` (a `local`
+//! file, in the same run: the same pre-encoded NDJSON lines appended one by one on both sides,
+//! and, separately, raw output through `ChunkWriter`, which adds JSON encoding) and `cargo bench -p sandbox-sqlite --bench end_to_end` (a `local`
 //! sandbox command printing 256 MiB, recorded through the service, against the same command
 //! writing to a plain file; with peak memory).
 //!
@@ -171,6 +205,7 @@ mod error;
 mod liveness;
 mod logs;
 pub mod schema;
+mod segment;
 mod store;
 
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
-//! `SqliteSink`: process logs, one row per chunk in `sandbox_process_chunks`, one row per log
-//! in `sandbox_process_logs`.
+//! `SqliteSink`: process logs, one row per log in `sandbox_process_logs`, one index row per
+//! chunk in `sandbox_process_chunks`, and the chunks' bytes in the log's segment file (see
+//! [`crate::segment`]; in-memory databases keep them in the index rows).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 use crate::db::Db;
 use crate::error::{DbError, DbResult};
 use crate::liveness::{self, LiveToken, WriterIdentity};
+use crate::segment::{SegmentFile, Segments};
 use crate::SQLITE;
 
 /// Shortest wait between two polls of a followed log that another OS process writes.
@@ -145,9 +147,11 @@ impl LogRow {
 }
 
 /// Reads entries from `from` (at most `max`, and stopping after `max_bytes` once one is read)
-/// with the log's status, in one snapshot.
+/// with the log's status, in one snapshot. With `segments` (a file database) the lines are
+/// read from the log's segment file, for indexed rows only.
 fn read_page(
     conn: &mut Connection,
+    segments: Option<&Segments>,
     id: &ProcessId,
     from: ReadFrom,
     max: usize,
@@ -160,42 +164,102 @@ fn read_page(
         ReadFrom::Seq(n) => Some(n.max(1).min(i64::MAX as u64) as i64),
         // Offsets grow with seq, so the entries at or after an offset are those from the
         // first seq whose offset reaches it.
-        ReadFrom::Offset(o) => tx
-            .prepare_cached(
-                "SELECT seq FROM sandbox_process_chunks WHERE logId = ? AND byteOffset >= ? \
-                 ORDER BY byteOffset, seq LIMIT 1",
-            )?
-            .query_row(rusqlite::params![log, o.min(i64::MAX as u64) as i64], |r| {
-                r.get(0)
-            })
-            .optional()?,
+        ReadFrom::Offset(o) => first_seq_at_or_after(&tx, log, row.entries, o)?,
     };
-    let mut entries = Vec::new();
+    // (seq, offset, length, line when stored in the row)
+    let mut index: Vec<(u64, u64, usize, Option<String>)> = Vec::new();
     if let (Some(first), true) = (first_seq, max > 0) {
         let mut stmt = tx.prepare_cached(
-            "SELECT seq, byteOffset, line FROM sandbox_process_chunks \
+            "SELECT seq, byteOffset, byteLength, line FROM sandbox_process_chunks \
              WHERE logId = ? AND seq >= ? ORDER BY seq LIMIT ?",
         )?;
         let limit = max.min(i64::MAX as usize) as i64;
         let mut rows = stmt.query(rusqlite::params![log, first, limit])?;
         let mut bytes = 0usize;
         while let Some(r) = rows.next()? {
-            let line: String = r.get(2)?;
-            bytes += line.len();
-            entries.push(LogEntry {
-                seq: r.get::<_, i64>(0)? as u64,
-                offset: r.get::<_, i64>(1)? as u64,
-                line,
-            });
+            let len = r.get::<_, i64>(2)? as usize;
+            bytes = bytes.saturating_add(len);
+            index.push((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                len,
+                r.get(3)?,
+            ));
             if bytes >= max_bytes {
                 break;
             }
         }
     }
+    drop(tx);
+    let entries = match (segments, index.first(), index.last()) {
+        // A file database: one read of the indexed range; offsets are contiguous.
+        (Some(segments), Some(first), Some(last)) => {
+            let start = first.1;
+            let len = (last.1 + last.2 as u64 - start) as usize;
+            let bytes = segments.read(log, id, start, len)?;
+            let mut entries = Vec::with_capacity(index.len());
+            for (seq, offset, len, _) in index {
+                let at = (offset - start) as usize;
+                let line = std::str::from_utf8(&bytes[at..at + len]).map_err(|_| {
+                    DbError::Domain(Error::store(
+                        SQLITE,
+                        format!(
+                            "the log segment {} of process {id} does not hold UTF-8 text at \
+                             offset {offset}: the file was damaged",
+                            segments.path(log).display()
+                        ),
+                    ))
+                })?;
+                entries.push(LogEntry {
+                    seq,
+                    offset,
+                    line: line.to_string(),
+                });
+            }
+            entries
+        }
+        (Some(_), _, _) => Vec::new(),
+        (None, _, _) => index
+            .into_iter()
+            .map(|(seq, offset, _, line)| LogEntry {
+                seq,
+                offset,
+                line: line.unwrap_or_default(),
+            })
+            .collect(),
+    };
     Ok(LogPage {
         entries,
         status: row.status(),
     })
+}
+
+/// The first seq of log `log` (whose seqs are `1..=entries`) starting at or after byte
+/// `offset`, by binary search: offsets grow with seq.
+fn first_seq_at_or_after(
+    conn: &Connection,
+    log: i64,
+    entries: u64,
+    offset: u64,
+) -> rusqlite::Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT byteOffset FROM sandbox_process_chunks WHERE logId = ? AND seq = ?",
+    )?;
+    let mut offset_of = |seq: u64| -> rusqlite::Result<u64> {
+        stmt.query_row(rusqlite::params![log, seq as i64], |r| r.get::<_, i64>(0))
+            .map(|o| o as u64)
+    };
+    // Invariant: every seq below `lo` starts before `offset`; `hi` (if a chunk) at or after.
+    let (mut lo, mut hi) = (1, entries + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if offset_of(mid)? >= offset {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok((lo <= entries).then_some(lo as i64))
 }
 
 /// The `at` and `type` of a chunk line, for the query columns; `None` for lines that are not
@@ -229,6 +293,12 @@ fn chunk_head(line: &str) -> ChunkHead {
 struct SqliteAppender {
     db: Arc<Db>,
     process_id: ProcessId,
+    /// The log's segment file (file databases).
+    segment: Option<Arc<SegmentFile>>,
+    /// The seq and byte offset of the next entry: the log's indexed end. Held by each append
+    /// from its segment write to its commit and advanced by the append itself, so an append
+    /// whose future was dropped while its database work ran on is accounted for.
+    position: Arc<Mutex<Position>>,
     stream_id: String,
     token: Arc<LiveToken>,
     notify: Arc<watch::Sender<u64>>,
@@ -247,17 +317,8 @@ fn check_owner(conn: &Connection, id: &ProcessId, token: &str) -> DbResult<LogRo
 /// A chunk's `at` and `type` columns.
 type ChunkHead = (Option<String>, Option<String>);
 
-fn append_tx(
-    conn: &mut Connection,
-    id: &ProcessId,
-    token: &str,
-    batch: &[LogEntry],
-    heads: &[ChunkHead],
-) -> DbResult<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let row = check_owner(&tx, id, token)?;
-    // Check the whole batch before storing any of it.
-    let (mut seq, mut off) = (row.entries + 1, row.bytes);
+/// Refuses a batch that does not continue the log at `seq`, `offset`.
+fn check_batch(mut seq: u64, mut off: u64, batch: &[LogEntry]) -> Result<()> {
     for e in batch {
         if e.seq != seq || e.offset != off {
             return Err(Error::protocol(
@@ -266,12 +327,27 @@ fn append_tx(
                     "append out of order: got seq {} at offset {}, expected seq {seq} at offset {off}",
                     e.seq, e.offset
                 ),
-            )
-            .into());
+            ));
         }
         seq += 1;
         off = e.end();
     }
+    Ok(())
+}
+
+/// Commits the index rows of `batch` (and, without a segment file, the lines).
+fn append_tx(
+    conn: &mut Connection,
+    id: &ProcessId,
+    token: &str,
+    batch: &[LogEntry],
+    heads: &[ChunkHead],
+    lines_in_rows: bool,
+) -> DbResult<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let row = check_owner(&tx, id, token)?;
+    // Check the whole batch before storing any of it.
+    check_batch(row.entries + 1, row.bytes, batch)?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO sandbox_process_chunks \
@@ -286,11 +362,49 @@ fn append_tx(
                 e.line.len() as i64,
                 at,
                 kind,
-                e.line
+                lines_in_rows.then_some(e.line.as_str())
             ])?;
         }
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// The seq and byte offset of a log's next entry.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    seq: u64,
+    offset: u64,
+}
+
+/// One append: the lines go to the segment at the indexed end (over any bytes a failed
+/// earlier attempt left there), then their index rows are committed. A chunk is visible, and
+/// acknowledged, only once both happened. The writer's position is held throughout, so two
+/// appends never interleave and a batch that does not continue the log is refused before
+/// anything is written.
+fn append_op(
+    c: &mut Connection,
+    id: &ProcessId,
+    token: &LiveToken,
+    segment: Option<&SegmentFile>,
+    position: &Mutex<Position>,
+    batch: &[LogEntry],
+) -> DbResult<()> {
+    let mut pos = position.lock().unwrap_or_else(|p| p.into_inner());
+    check_batch(pos.seq, pos.offset, batch)?;
+    if let Some(segment) = segment {
+        for e in batch {
+            segment.write_at(e.line.as_bytes(), e.offset)?;
+        }
+    }
+    let heads: Vec<_> = batch.iter().map(|e| chunk_head(&e.line)).collect();
+    append_tx(c, id, token.as_str(), batch, &heads, segment.is_none())?;
+    if let Some(last) = batch.last() {
+        *pos = Position {
+            seq: last.seq + 1,
+            offset: last.end(),
+        };
+    }
     Ok(())
 }
 
@@ -317,7 +431,7 @@ impl SqliteAppender {
         if self.done {
             return Ok(());
         }
-        let (id, token) = (self.process_id, self.token.clone());
+        let (id, token, segment) = (self.process_id, self.token.clone(), self.segment.clone());
         let (name, reason) = match &state {
             LogState::Closed => ("closed", None),
             LogState::Aborted { reason } => ("aborted", Some(reason.clone())),
@@ -325,6 +439,9 @@ impl SqliteAppender {
         };
         self.db
             .run("close log", move |c| {
+                if let Some(segment) = &segment {
+                    segment.sync()?;
+                }
                 {
                     let tx = c.transaction()?;
                     check_owner(&tx, &id, token.as_str())?;
@@ -396,17 +513,30 @@ impl LogAppender for SqliteAppender {
         if entries.is_empty() {
             return Ok(());
         }
-        let (id, token) = (self.process_id, self.token.clone());
-        let batch: Vec<_> = entries.to_vec();
-        // What the commit adds to the write-ahead log: the lines plus a few b-tree pages,
-        // which dominate for small chunks.
-        let bytes: u64 = entries.iter().map(|e| e.line.len() as u64).sum::<u64>() + 3 * 4096;
-        self.db
-            .run("append to log", move |c| {
-                let heads: Vec<_> = batch.iter().map(|e| chunk_head(&e.line)).collect();
-                append_tx(c, &id, token.as_str(), &batch, &heads)
+        // What the commit adds to the write-ahead log: a few b-tree pages (plus the lines in
+        // an in-memory database, which has no write-ahead log).
+        let bytes: u64 = 3 * 4096 + 64 * entries.len() as u64;
+        let id = self.process_id;
+        let in_place = self
+            .db
+            .run_in_place("append to log", |c| {
+                let segment = self.segment.as_deref();
+                append_op(c, &id, &self.token, segment, &self.position, entries)
             })
-            .await?;
+            .await;
+        match in_place {
+            Some(result) => result?,
+            None => {
+                let (token, segment) = (self.token.clone(), self.segment.clone());
+                let position = self.position.clone();
+                let batch: Vec<_> = entries.to_vec();
+                self.db
+                    .run("append to log", move |c| {
+                        append_op(c, &id, &token, segment.as_deref(), &position, &batch)
+                    })
+                    .await?
+            }
+        }
         self.db.wrote(bytes);
         self.notify.send_modify(|v| *v += 1);
         Ok(())
@@ -416,9 +546,13 @@ impl LogAppender for SqliteAppender {
         if self.done {
             return Ok(());
         }
-        let (id, token) = (self.process_id, self.token.clone());
+        let (id, token, segment) = (self.process_id, self.token.clone(), self.segment.clone());
         self.db
             .run("flush log", move |c| {
+                // The lines first, then the write-ahead log that indexes them.
+                if let Some(segment) = &segment {
+                    segment.sync()?;
+                }
                 synced_update(
                     c,
                     "UPDATE sandbox_process_logs SET flushedAt = ? WHERE processId = ? AND writerToken = ?",
@@ -452,8 +586,11 @@ impl SqliteSink {
         max: usize,
         max_bytes: usize,
     ) -> Result<LogPage> {
+        let db = self.db.clone();
         self.db
-            .run("read log", move |c| read_page(c, &id, from, max, max_bytes))
+            .run("read log", move |c| {
+                read_page(c, db.segments.as_ref(), &id, from, max, max_bytes)
+            })
             .await
     }
 }
@@ -469,7 +606,9 @@ impl StreamSink for SqliteSink {
         let token = Arc::new(LiveToken::new());
         let stream_id = id.stream_client_id();
         let (t, s) = (token.clone(), stream_id.clone());
-        self.db
+        let db = self.db.clone();
+        let segment = self
+            .db
             .run("open log writer", move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let pid = id.to_string();
@@ -505,8 +644,14 @@ impl StreamSink for SqliteSink {
                         t.as_str()
                     ],
                 )?;
+                // The segment exists before the log does: a reader never finds a log whose
+                // file was not created.
+                let segment = match &db.segments {
+                    Some(segments) => Some(Arc::new(segments.create(tx.last_insert_rowid())?)),
+                    None => None,
+                };
                 tx.commit()?;
-                Ok(())
+                Ok(segment)
             })
             .await?;
         let notify = channel(&self.db, &id);
@@ -514,6 +659,8 @@ impl StreamSink for SqliteSink {
         Ok(Box::new(SqliteAppender {
             db: self.db.clone(),
             process_id: id,
+            segment,
+            position: Arc::new(Mutex::new(Position { seq: 1, offset: 0 })),
             stream_id,
             token,
             notify,

@@ -86,24 +86,27 @@ CREATE TABLE sandbox_process_logs (
     writerReleasedAt   INTEGER  -- set when the writer object was dropped without close
 ) STRICT;
 
--- One row per chunk, in (log, seq) order: the NDJSON line as written, plus its type and time
--- for queries. `logId` (not the 36-byte process id) keeps rows and index entries small. The
--- log's length is that of its last chunk (byteOffset + byteLength): no counter row is
--- rewritten on every append.
--- A rowid table: chunks are large, and appends land at the end of the b-tree with their
--- text in overflow pages (a WITHOUT ROWID table would move whole rows on every split).
+-- One row per chunk, in (log, seq) order: the index of the log's NDJSON lines. A file
+-- database keeps the lines themselves in the log's segment file, `<database>.logs/<logId>.ndjson`,
+-- at [byteOffset, byteOffset + byteLength), and `line` is NULL; an in-memory database keeps
+-- them in `line`. `at` and `type` are copied from the line for queries. `logId` (not the
+-- 36-byte process id) keeps rows and index entries small. The log's length is that of its
+-- last chunk (byteOffset + byteLength): no counter row is rewritten on every append, and
+-- bytes of the segment past it (a write whose commit never happened) are never read.
+-- Index rows are small: a WITHOUT ROWID table keyed by (logId, seq) is one b-tree, and an
+-- append touches little more than its last leaf page. Offsets grow with seq (seqs of a log
+-- are 1, 2, 3, ... without gap), so a read from a byte offset binary-searches the key: no
+-- second index to update on every append.
 CREATE TABLE sandbox_process_chunks (
-    chunkId    INTEGER PRIMARY KEY,
     logId      INTEGER NOT NULL,  -- sandbox_process_logs.logId
     seq        INTEGER NOT NULL,
     byteOffset INTEGER NOT NULL,
     byteLength INTEGER NOT NULL,
     at         TEXT,
     "type"     TEXT,
-    line       TEXT NOT NULL,
-    UNIQUE (logId, seq)
-) STRICT;
-CREATE INDEX sandbox_process_chunks_offset ON sandbox_process_chunks (logId, byteOffset, seq);
+    line       TEXT,              -- in-memory databases only
+    PRIMARY KEY (logId, seq)
+) STRICT, WITHOUT ROWID;
 "#];
 
 /// Checks that `conn` holds a sandbox database this code can use, and migrates it to
