@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use sandbox_core::{Error, ExecControl, ExecEvent, ExecRequest, Execution, ExitStatus, Result};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{ExecSocket, SpritesClient};
@@ -97,22 +98,19 @@ pub(crate) async fn start(
         ));
     }
     sandbox_core::shell::validate_env(&req.env)?;
-    let mut socket = client.connect_exec(name, &query(&req)).await?;
-    if let Some(stdin) = &req.stdin {
-        for chunk in stdin.chunks(STDIN_FRAME) {
-            let mut msg = Vec::with_capacity(chunk.len() + 1);
-            msg.push(frame::STDIN);
-            msg.extend_from_slice(chunk);
-            socket
-                .send(Message::Binary(msg.into()))
-                .await
-                .map_err(|e| error::from_websocket("exec stdin", name, &e))?;
-        }
-        socket
-            .send(Message::Binary(vec![frame::STDIN_EOF].into()))
-            .await
-            .map_err(|e| error::from_websocket("exec stdin", name, &e))?;
-    }
+    let socket = client.connect_exec(name, &query(&req)).await?;
+    // Stdin goes out from its own task while output is read here: a server that stops
+    // taking stdin until its output is read would otherwise wait on us forever.
+    let (sink, mut socket) = socket.split();
+    let (outgoing, outgoing_rx) = mpsc::channel(4);
+    let (session_alive, session_gone) = oneshot::channel();
+    tokio::spawn(write_loop(
+        sink,
+        req.stdin.clone(),
+        outgoing_rx,
+        session_gone,
+        name.to_string(),
+    ));
 
     // The first message tells whether the command started: `session_info`, output, or an
     // `error` control message (missing program, bad directory). A server that says nothing
@@ -144,6 +142,8 @@ pub(crate) async fn start(
     let session = Session {
         name: name.to_string(),
         socket,
+        outgoing,
+        _alive: session_alive,
         events: events_tx,
         kills: kill_rx,
         timeout: req.timeout,
@@ -204,9 +204,65 @@ impl ExecControl for Kill {
     }
 }
 
+/// Sends everything the client writes on the exec socket: stdin frames and EOF, with control
+/// messages (a kill, a close) taking their turn between stdin frames. Ends on a close, a send
+/// failure, or once the session is gone.
+async fn write_loop(
+    mut sink: SplitSink<ExecSocket, Message>,
+    stdin: Option<Bytes>,
+    mut outgoing: mpsc::Receiver<Message>,
+    mut session_gone: oneshot::Receiver<()>,
+    name: String,
+) {
+    if let Some(stdin) = stdin {
+        let frames = stdin
+            .chunks(STDIN_FRAME)
+            .map(|chunk| [&[frame::STDIN][..], chunk].concat())
+            .chain(std::iter::once(vec![frame::STDIN_EOF]));
+        for data in frames {
+            loop {
+                match outgoing.try_recv() {
+                    Ok(msg) => {
+                        if !send_one(&mut sink, &name, msg).await {
+                            return;
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
+            tokio::select! {
+                going = send_one(&mut sink, &name, Message::Binary(data.into())) => if !going { return },
+                _ = &mut session_gone => return,
+            }
+        }
+    }
+    while let Some(msg) = outgoing.recv().await {
+        if !send_one(&mut sink, &name, msg).await {
+            return;
+        }
+    }
+}
+
+/// Sends `msg`; whether the loop goes on (not after a close or a failure).
+async fn send_one(sink: &mut SplitSink<ExecSocket, Message>, name: &str, msg: Message) -> bool {
+    let close = matches!(msg, Message::Close(_));
+    match sink.send(msg).await {
+        Ok(()) => !close,
+        Err(e) => {
+            tracing::debug!(sprite = %name, error = %e, "exec socket write failed");
+            false
+        }
+    }
+}
+
 struct Session {
     name: String,
-    socket: ExecSocket,
+    socket: SplitStream<ExecSocket>,
+    /// To [`write_loop`].
+    outgoing: mpsc::Sender<Message>,
+    /// Dropped with the session, which stops a [`write_loop`] blocked on stdin.
+    _alive: oneshot::Sender<()>,
     events: mpsc::Sender<Result<ExecEvent>>,
     kills: mpsc::Receiver<()>,
     timeout: Option<Duration>,
@@ -281,7 +337,7 @@ impl Session {
 
     async fn send_kill(&mut self) {
         let msg = r#"{"type":"signal","signal":"SIGKILL"}"#;
-        if let Err(e) = self.socket.send(Message::Text(msg.into())).await {
+        if let Err(e) = self.outgoing.try_send(Message::Text(msg.into())) {
             tracing::debug!(sprite = %self.name, error = %e, "could not send the kill signal");
         }
     }
@@ -315,7 +371,7 @@ impl Session {
                         .events
                         .send(Err(error::malformed("exec", &self.name, what)))
                         .await;
-                    let _ = self.socket.close(None).await;
+                    self.close();
                     Step::Done
                 }
             },
@@ -350,7 +406,7 @@ impl Session {
     async fn emit(&mut self, ev: Result<ExecEvent>) -> Step {
         if self.events.send(ev).await.is_err() {
             // Nobody listens any more.
-            let _ = self.socket.close(None).await;
+            self.close();
             return Step::Done;
         }
         Step::Continue
@@ -359,7 +415,12 @@ impl Session {
     async fn finish(&mut self, status: ExitStatus) {
         let _ = self.events.send(Ok(ExecEvent::Exit(status))).await;
         // The server may keep the socket open after the exit frame: do not wait for it.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
+        self.close();
+    }
+
+    /// Asks [`write_loop`] to send a close frame; the socket goes with the session.
+    fn close(&self) {
+        let _ = self.outgoing.try_send(Message::Close(None));
     }
 
     /// The connection ended without an exit frame.
