@@ -118,6 +118,99 @@ impl ProcessTable {
     }
 }
 
+/// Records of the process groups started in a sandbox: `<sandbox dir>/running/<pgid>` holding
+/// the leader's start time, so `stop` from another process (or after the caller restarted)
+/// still finds the commands it must kill. The start time guards against a reused pid.
+pub(crate) mod records {
+    use std::path::{Path, PathBuf};
+
+    fn dir(sandbox_dir: &Path) -> PathBuf {
+        sandbox_dir.join("running")
+    }
+
+    /// The start time (clock ticks since boot) of `pid`, from `/proc/<pid>/stat`.
+    fn start_time(pid: i32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name; `starttime` is field 22 of the whole line.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(19)?.parse().ok()
+    }
+
+    /// The process group of `pid`.
+    fn pgid_of(stat: &str) -> Option<i32> {
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(2)?.parse().ok()
+    }
+
+    /// Whether any process is still in group `pgid`.
+    fn group_has_members(pgid: i32) -> bool {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<i32>().is_ok())
+                && std::fs::read_to_string(e.path().join("stat"))
+                    .ok()
+                    .and_then(|s| pgid_of(&s))
+                    == Some(pgid)
+        })
+    }
+
+    /// Records the group led by `pgid` (best effort: an unrecorded command is still killed by
+    /// this process's own `stop`).
+    pub(crate) fn add(sandbox_dir: &Path, pgid: i32) {
+        let Some(start) = start_time(pgid) else {
+            return;
+        };
+        let dir = dir(sandbox_dir);
+        // Not recursive: a sandbox directory deleted meanwhile is not brought back.
+        let made = match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            made => made,
+        };
+        if let Err(e) =
+            made.and_then(|_| std::fs::write(dir.join(pgid.to_string()), start.to_string()))
+        {
+            tracing::warn!(error = %e, "could not record a local sandbox command");
+        }
+    }
+
+    /// Forgets the group led by `pgid`.
+    pub(crate) fn remove(sandbox_dir: &Path, pgid: i32) {
+        let _ = std::fs::remove_file(dir(sandbox_dir).join(pgid.to_string()));
+    }
+
+    /// Kills every recorded group that is still the one recorded, and forgets them all.
+    pub(crate) fn kill_all(sandbox_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir(sandbox_dir)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let pgid = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok());
+            let recorded = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            if let (Some(pgid), Some(recorded)) = (pgid, recorded) {
+                let same_leader = start_time(pgid) == Some(recorded);
+                // A dead leader's pid stays reserved while its group has members.
+                let orphaned_group = start_time(pgid).is_none() && group_has_members(pgid);
+                if pgid > 1 && (same_leader || orphaned_group) {
+                    // SAFETY: plain syscall on a group this sandbox started.
+                    unsafe {
+                        libc::killpg(pgid, libc::SIGKILL);
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// [`ExecControl`] of one command.
 #[derive(Debug)]
 struct GroupControl(Arc<ProcessGroup>);
@@ -225,6 +318,12 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
         done: done_rx,
     });
     let key = ctx.processes.insert(group.clone());
+    records::add(&ctx.layout.dir, pid);
+    // A `stop` that began after this command passed `ensure_running` has already listed the
+    // running commands: this one ends here instead of outliving the sandbox.
+    if ctx.is_stopped() {
+        group.kill();
+    }
 
     if let (Some(mut stdin), Some(bytes)) = (child.stdin.take(), req.stdin) {
         tokio::spawn(async move {
@@ -269,6 +368,7 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
             .unwrap_or_else(|e| e.into_inner()) = true;
         // Reaped is what `stop` waits for, even if nobody consumes the events.
         waiter_ctx.processes.remove(key);
+        records::remove(&waiter_ctx.layout.dir, pid);
         let _ = done_tx.send(true);
         let _ = exited_tx.send(true);
         for reader in [stdout, stderr].into_iter().flatten() {

@@ -33,6 +33,8 @@
 //!   `128 + n` (bubblewrap's own exit status); timeouts and kills report `SIGKILL`.
 //! - Under `landlock`, per-process files of `/proc` (`/proc/self/...` included) cannot be read.
 //! - When a command ends, whatever it left running in its process group is killed with it.
+//! - Each running command's process group is recorded under `<sandboxId>/running/`, so `stop`
+//!   also kills commands another process started (or the caller did before it restarted).
 //! - `restore` swaps the workspace directory: commands still running keep the old one.
 //!
 //! # Capabilities

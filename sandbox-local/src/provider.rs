@@ -231,6 +231,11 @@ pub(crate) struct SandboxContext {
 }
 
 impl SandboxContext {
+    /// Whether `stop` was called on this handle.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn ensure_running(&self) -> Result<()> {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(Error::NotActive {
@@ -406,6 +411,12 @@ impl SandboxHandle for LocalSandbox {
         if !self.ctx.layout.dir.is_dir() {
             return Err(error::sandbox_gone(&self.ctx.sandbox_id.to_string()));
         }
+        // Commands started by another process, or before the caller restarted.
+        self.blocking("kill recorded commands", |ctx| {
+            exec::records::kill_all(&ctx.layout.dir);
+            Ok(())
+        })
+        .await?;
         let delete = match mode {
             StopMode::Default => self.ctx.delete_on_stop,
             StopMode::Keep => false,
