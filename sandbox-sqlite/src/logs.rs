@@ -318,21 +318,8 @@ fn check_owner(conn: &Connection, id: &ProcessId, token: &str) -> DbResult<LogRo
 type ChunkHead = (Option<String>, Option<String>);
 
 /// Refuses a batch that does not continue the log at `seq`, `offset`.
-fn check_batch(mut seq: u64, mut off: u64, batch: &[LogEntry]) -> Result<()> {
-    for e in batch {
-        if e.seq != seq || e.offset != off {
-            return Err(Error::protocol(
-                "sandbox_process_stream_gap",
-                format!(
-                    "append out of order: got seq {} at offset {}, expected seq {seq} at offset {off}",
-                    e.seq, e.offset
-                ),
-            ));
-        }
-        seq += 1;
-        off = e.end();
-    }
-    Ok(())
+fn check_batch(seq: u64, off: u64, batch: &[LogEntry]) -> Result<()> {
+    sandbox_core::stream::check_continuity(batch, seq, off).map(|_| ())
 }
 
 /// Commits the index rows of `batch` (and, without a segment file, the lines).
