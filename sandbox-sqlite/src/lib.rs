@@ -97,6 +97,12 @@
 //! the segment file and then commit with `synchronous = FULL`, which fsyncs the write-ahead
 //! log and so every earlier commit: after they return the log survives power loss too.
 //!
+//! Known limit: between flushes, a power loss can leave an index row durable (a checkpoint or
+//! another log's `flush` synced the write-ahead log) whose segment bytes were not yet on disk.
+//! Reading such a chunk fails with a store error naming the segment instead of returning it,
+//! and `reconcile` marks its process `lost`; chunks before it read normally. Process crashes
+//! (`kill -9`) are not affected.
+//!
 //! Chunk bytes are written once (to the segment); the write-ahead log and the database see
 //! only index rows of a few dozen bytes. Copying the write-ahead log into the database (a
 //! checkpoint, with its fsyncs) is kept out of the writers' commits: SQLite's automatic
