@@ -183,6 +183,13 @@ fn validate_base_url(raw: &str) -> Result<String> {
             format!("SPRITES_API_BASE_URL {trimmed:?} is not a URL: {e}"),
         )
     })?;
+    // Credentials in the URL would show in every message and log that names the endpoint.
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(Error::invalid(
+            "sprites_base_url_invalid",
+            "SPRITES_API_BASE_URL must not carry credentials: the token goes in SPRITES_API_TOKEN",
+        ));
+    }
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(Error::invalid(
             "sprites_base_url_invalid",
@@ -301,6 +308,19 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code(), "sprites_base_url_invalid");
+        let e = SpritesConfig::from_config(
+            &SandboxConfig::default(),
+            &env(&[
+                ("SPRITES_API_TOKEN", "t"),
+                (
+                    "SPRITES_API_BASE_URL",
+                    "https://me:url-secret@proxy.example",
+                ),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "sprites_base_url_invalid");
+        assert!(!e.to_string().contains("url-secret"), "{e}");
     }
 
     #[test]
