@@ -743,12 +743,30 @@ fn doctor_reports_store_providers_isolation_and_credentials_by_name_only() {
             .contains(home.path().to_str().unwrap()),
         "{d}"
     );
-    assert!(d["providers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|p| p == "local"));
     assert_eq!(d["defaultProvider"], "local");
+    // The binary links exactly the backends of its features.
+    let on = |pairs: &[(bool, &str)]| -> Value {
+        pairs
+            .iter()
+            .filter(|(enabled, _)| *enabled)
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    assert_eq!(
+        d["providers"],
+        on(&[
+            (cfg!(feature = "local"), "local"),
+            (cfg!(feature = "sprites"), "sprites")
+        ])
+    );
+    assert_eq!(
+        d["stores"],
+        on(&[
+            (cfg!(feature = "instant"), "instant"),
+            (true, "memory"),
+            (cfg!(feature = "sqlite"), "sqlite")
+        ])
+    );
     assert!(d["localIsolation"]["available"].is_array(), "{d}");
     assert!(d["localIsolation"]["auto"].is_string(), "{d}");
     if cfg!(feature = "sprites") {
