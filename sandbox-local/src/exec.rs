@@ -253,6 +253,12 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
             "a command needs at least a program name",
         ));
     }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(Error::invalid(
+            "sandbox_command_invalid",
+            "command arguments cannot contain NUL bytes",
+        ));
+    }
     sandbox_core::shell::validate_env(&req.env)?;
     let workspace = ctx.layout.workspace.clone();
     let cwd = match &req.cwd {

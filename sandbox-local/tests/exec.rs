@@ -127,6 +127,16 @@ async fn a_missing_program_or_cwd_fails_to_start() {
             Err(e) => assert_eq!(e.code(), "sandbox_command_empty"),
             Ok(_) => panic!("{mode}: empty argv started"),
         }
+        for req in [
+            ExecRequest::new(["printf", "a\0b"]),
+            ExecRequest::new(["true"]).env("K", "a\0b"),
+        ] {
+            match sb.handle.exec(req.clone()).await {
+                Err(Error::InvalidInput { .. }) => {}
+                Err(e) => panic!("{mode}: {req:?} gave {e:?}"),
+                Ok(_) => panic!("{mode}: {req:?} started"),
+            }
+        }
         sb.handle.stop(StopMode::Delete).await.unwrap();
     }
 }
