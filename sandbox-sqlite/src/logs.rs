@@ -200,16 +200,23 @@ fn read_page(
             let mut entries = Vec::with_capacity(index.len());
             for (seq, offset, len, _) in index {
                 let at = (offset - start) as usize;
-                let line = std::str::from_utf8(&bytes[at..at + len]).map_err(|_| {
-                    DbError::Domain(Error::store(
-                        SQLITE,
-                        format!(
-                            "the log segment {} of process {id} does not hold UTF-8 text at \
-                             offset {offset}: the file was damaged",
-                            segments.path(log).display()
-                        ),
-                    ))
-                })?;
+                let raw = &bytes[at..at + len];
+                // Every stored line is one JSON object and its newline; anything else (zeros
+                // left by a power loss, a damaged file) is refused, never returned as output.
+                let line = std::str::from_utf8(raw)
+                    .ok()
+                    .filter(|l| l.starts_with('{') && l.ends_with('\n'))
+                    .ok_or_else(|| {
+                        DbError::Domain(Error::store(
+                            SQLITE,
+                            format!(
+                                "the log segment {} of process {id} does not hold the line \
+                                 indexed at offset {offset} (seq {seq}): the file was damaged \
+                                 or lost its tail in a power failure",
+                                segments.path(log).display()
+                            ),
+                        ))
+                    })?;
                 entries.push(LogEntry {
                     seq,
                     offset,

@@ -225,6 +225,31 @@ async fn a_segment_shorter_than_its_index_is_a_clear_store_error() {
 }
 
 #[tokio::test]
+async fn a_zeroed_tail_after_a_power_loss_is_refused_not_returned_as_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sandbox.db");
+    let db = open(&path);
+    let process = ProcessId::new();
+    let w = write_log(&db, process, &["kept\n", "lost\n"]).await;
+    w.close().await.unwrap();
+    let segment = only_segment(&path);
+    // What a file system shows after losing unsynced data: the right length, zeros inside.
+    let logs = db.logs();
+    let second = logs.read(&process, ReadFrom::Seq(2), 1).await.unwrap();
+    let offset = second.entries[0].offset;
+    let len = second.entries[0].line.len();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&mut f, &vec![0u8; len], offset).unwrap();
+    let first = logs.read(&process, ReadFrom::START, 1).await.unwrap();
+    assert_eq!(texts(&first), ["kept\n"]);
+    let e = logs.read(&process, ReadFrom::START, 100).await.unwrap_err();
+    assert_store_error(e, &["seq 2", &segment.display().to_string()]);
+}
+
+#[tokio::test]
 async fn an_in_memory_database_keeps_lines_without_files() {
     let db = SqliteDatabase::open(&SqliteConfig::memory()).unwrap();
     let process = ProcessId::new();
