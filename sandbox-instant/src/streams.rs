@@ -124,8 +124,15 @@ impl InstantSink {
         }
     }
 
-    /// Reads what the log holds now, from `start`.
-    async fn snapshot(&self, client_id: &str, start: u64, align: bool) -> Result<Snapshot> {
+    /// Reads what the log holds now, from `start`. A log known to be `finished` is read until
+    /// the server's `done` (or for `sse_timeout`), however many messages its answer takes.
+    async fn snapshot(
+        &self,
+        client_id: &str,
+        start: u64,
+        align: bool,
+        finished: bool,
+    ) -> Result<Snapshot> {
         let op = Op::Stream(client_id.to_string());
         let mut dec = LineDecoder::new(start, align);
         let mut snap = Snapshot::default();
@@ -161,12 +168,39 @@ impl InstantSink {
             while let Ok(m) = rx.try_recv() {
                 msgs.push(m);
             }
-            for m in msgs {
-                let end = apply_message(&self.inner.client, &mut dec, &m, &op).await?;
-                snap.entries.extend(dec.take());
-                if let Some(state) = end {
-                    snap.state = Some(state);
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut lost = false;
+            loop {
+                for m in msgs.drain(..) {
+                    let end = apply_message(&self.inner.client, &mut dec, &m, &op).await?;
+                    snap.entries.extend(dec.take());
+                    if let Some(state) = end {
+                        snap.state = Some(state);
+                    }
                 }
+                if !finished || snap.state.is_some() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(m)) => msgs.push(m),
+                    Ok(None) => {
+                        lost = true;
+                        break;
+                    }
+                    // A log ended through its `$streams` entity may never be announced as
+                    // done: what arrived is what there is.
+                    Err(_) => {
+                        tracing::warn!(client_id, "instant: no done for a finished stream");
+                        break;
+                    }
+                }
+            }
+            if lost {
+                // The session ended mid-answer: read on from where we are.
+                if attempt < 3 {
+                    continue;
+                }
+                return Err(InstantError::SessionLost("while reading".into()).into_core(&op));
             }
             session.unsubscribe(&event).await;
             snap.end = dec.expected();
@@ -738,7 +772,7 @@ impl StreamSink for InstantSink {
             ReadFrom::Seq(_) => (0, false),
             ReadFrom::Offset(o) => (o, true),
         };
-        let snap = self.snapshot(&client_id, start, align).await?;
+        let snap = self.snapshot(&client_id, start, align, row.done).await?;
         let total = snap.entries.last().map_or(0, |e| e.seq);
         let entries: Vec<LogEntry> = snap
             .entries
@@ -864,7 +898,7 @@ impl StreamSink for InstantSink {
         let Some(row) = self.lookup(&client_id).await? else {
             return Ok(None);
         };
-        let snap = self.snapshot(&client_id, 0, false).await?;
+        let snap = self.snapshot(&client_id, 0, false, row.done).await?;
         let state = snap.state.unwrap_or_else(|| row_state(&row));
         Ok(Some(LogStatus {
             stream_id: row.id,

@@ -361,3 +361,37 @@ async fn a_refused_start_is_a_writer_conflict_only_when_the_server_says_the_log_
     assert_eq!(e.code(), "sandbox_process_stream_writer_exists", "{e}");
     w.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_log_is_read_whole_when_the_server_answers_part_by_part() {
+    let emu = common::emulator().await;
+    emu.set_flush_byte_limit(200);
+    let b = common::backend(&emu);
+    let pid = ProcessId::new();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
+    for i in 1..=30 {
+        w.append(ChunkType::Stdout, text(i)).await.unwrap();
+        w.flush().await.unwrap();
+    }
+    w.close().await.unwrap();
+    let parts = emu.stream_parts(&pid.stream_client_id());
+    assert!(parts > 3, "{parts} parts");
+
+    emu.spread_subscription_answers(Some(Duration::from_millis(20)));
+    let page = b
+        .logs
+        .read(&pid, ReadFrom::START, usize::MAX)
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+    assert_eq!(page.status.state, LogState::Closed);
+    let status = b.logs.status(&pid).await.unwrap().unwrap();
+    assert_eq!(status.entries, 30);
+    assert_eq!(
+        status.bytes,
+        emu.stream_content(&pid.stream_client_id()).unwrap().len() as u64
+    );
+}

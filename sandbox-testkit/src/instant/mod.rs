@@ -18,8 +18,9 @@
 //! Fault switches: [`InstantEmulator::drop_sse_sessions`], [`InstantEmulator::fail_next`],
 //! [`InstantEmulator::rate_limit_next`], [`InstantEmulator::respond_raw_next`],
 //! [`InstantEmulator::fail_next_subscription`], [`InstantEmulator::fail_next_stream_op`],
-//! [`InstantEmulator::set_latency`], [`InstantEmulator::set_flush_byte_limit`]; every request is
-//! in [`InstantEmulator::requests`].
+//! [`InstantEmulator::set_latency`], [`InstantEmulator::set_flush_byte_limit`],
+//! [`InstantEmulator::spread_subscription_answers`]; every request is in
+//! [`InstantEmulator::requests`].
 //!
 //! Unflushed stream bytes of a writer whose SSE session drops are discarded (the strict reading
 //! of the server's contract), so a writer must resend from the flushed offset.
@@ -107,6 +108,8 @@ struct Inner {
     by_client: HashMap<String, String>,
     files: HashMap<String, Vec<u8>>,
     flush_limit: usize,
+    /// Answer a subscription with one message per part, this far apart (`None`: one answer).
+    spread_answers: Option<Duration>,
     /// `(op, message)`: `error` answers for the next stream messages with that op.
     stream_op_errors: Vec<(String, String)>,
 }
@@ -162,6 +165,7 @@ impl InstantEmulator {
                 by_client: HashMap::new(),
                 files: HashMap::new(),
                 flush_limit: DEFAULT_FLUSH_BYTE_LIMIT,
+                spread_answers: None,
                 stream_op_errors: Vec::new(),
             }),
             faults: Mutex::new(Faults::default()),
@@ -259,6 +263,14 @@ impl InstantEmulator {
     /// Delays every request by `latency`.
     pub fn set_latency(&self, latency: Duration) {
         lock(&self.shared.faults).latency = latency;
+    }
+
+    /// Answers each new subscription with one `stream-append` per flushed part, then the
+    /// buffer, then `done`, each in its own SSE event `gap` after the previous one (a server
+    /// may split its answer so); `None` goes back to one answer. Meant for finished streams:
+    /// live appends are not held back behind the spread answer.
+    pub fn spread_subscription_answers(&self, gap: Option<Duration>) {
+        lock(&self.shared.inner).spread_answers = gap;
     }
 
     /// Flushes a stream's buffer to a file part once it holds at least `bytes` bytes.
@@ -736,7 +748,20 @@ fn handle_message(g: &mut Inner, base: &str, session: &str, msg: &Value, out: &m
                 sess.subs.insert(key.clone(), sub);
             }
             if let Some(sid) = sid.filter(|s| g.streams.contains_key(s)) {
-                out.extend(initial_messages(g, base, session, &key, &sid));
+                let msgs = initial_messages(g, base, session, &key, &sid);
+                match (g.spread_answers, g.sessions.get(session)) {
+                    (Some(gap), Some(sess)) => {
+                        let tx = sess.tx.clone();
+                        let msgs: Vec<Value> = msgs.into_iter().flat_map(spread).collect();
+                        tokio::spawn(async move {
+                            for m in msgs {
+                                tokio::time::sleep(gap).await;
+                                let _ = tx.send(m);
+                            }
+                        });
+                    }
+                    _ => out.extend(msgs),
+                }
             }
         }
         "unsubscribe-stream" => {
@@ -801,6 +826,34 @@ fn initial_messages(g: &mut Inner, base: &str, session: &str, key: &str, sid: &s
         v.push(d);
     }
     v
+}
+
+/// One `stream-append` per file part of `m`, then one for its buffered content.
+fn spread(m: Value) -> Vec<Value> {
+    let files = m["files"].as_array().cloned().unwrap_or_default();
+    let Some(mut offset) = m["offset"].as_u64().filter(|_| !files.is_empty()) else {
+        return vec![m];
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let mut part = m.clone();
+        if let Some(o) = part.as_object_mut() {
+            o.remove("content");
+        }
+        part["offset"] = json!(offset);
+        offset += f["size"].as_u64().unwrap_or(0);
+        part["files"] = json!([f]);
+        out.push(part);
+    }
+    if m.get("content").is_some() {
+        let mut rest = m.clone();
+        if let Some(o) = rest.as_object_mut() {
+            o.remove("files");
+        }
+        rest["offset"] = json!(offset);
+        out.push(rest);
+    }
+    out
 }
 
 fn start_pending_subs(g: &mut Inner, base: &str, sid: &str) {
