@@ -242,7 +242,7 @@ async fn a_zeroed_tail_after_a_power_loss_is_refused_not_returned_as_output() {
         .write(true)
         .open(&segment)
         .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &vec![0u8; len], offset).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; len], offset).unwrap();
     let first = logs.read(&process, ReadFrom::START, 1).await.unwrap();
     assert_eq!(texts(&first), ["kept\n"]);
     let e = logs.read(&process, ReadFrom::START, 100).await.unwrap_err();
