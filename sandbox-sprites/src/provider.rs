@@ -237,8 +237,16 @@ impl SandboxHandle for SpritesSandbox {
         exec::start(&self.client, &self.name, req).await
     }
 
-    /// One `fs/write` per file, sent concurrently.
+    /// One `fs/write` per file, sent concurrently. A path given twice is written once, with
+    /// its last content, as writing in order would leave it.
     async fn write_files(&self, files: Vec<FileWrite>) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        let mut files: Vec<FileWrite> = files
+            .into_iter()
+            .rev()
+            .filter(|f| seen.insert(f.path.clone()))
+            .collect();
+        files.reverse();
         futures::stream::iter(files)
             .map(|f| async move {
                 self.client

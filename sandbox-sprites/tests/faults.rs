@@ -566,3 +566,21 @@ async fn the_emulator_adds_its_latency_to_every_request() {
         "arrival times in order"
     );
 }
+
+#[tokio::test]
+async fn a_path_written_twice_in_one_call_keeps_its_last_content() {
+    let emu = emulator().await;
+    let sb = create(&provider(&emu)).await.unwrap().handle;
+    emu.clear_requests();
+    sb.write_files(vec![
+        FileWrite::new("/home/sprite/same.txt", "first"),
+        FileWrite::new("/home/sprite/other.txt", "other"),
+        FileWrite::new("/home/sprite/same.txt", "second"),
+    ])
+    .await
+    .unwrap();
+    // Concurrent writes of one path would race: it is written once.
+    assert_eq!(emu.request_count(), 2, "{:?}", paths(&emu));
+    let back = sb.read_file("/home/sprite/same.txt").await.unwrap();
+    assert_eq!(back.as_deref(), Some(&b"second"[..]));
+}
