@@ -1910,7 +1910,9 @@ impl ProcessRun {
     pub async fn wait(&self) -> Result<ProcessOutcome> {
         let mut done = self.done.clone();
         let _ = done.wait_for(|o| o.is_some()).await;
-        let taken = lock(&self.result).take();
+        // Taken and replaced under one lock, so a concurrent `wait` sees the copy, never a gap.
+        let mut slot = lock(&self.result);
+        let taken = slot.take();
         match taken {
             Some(r) => {
                 // Keep a copy for later calls.
@@ -1922,13 +1924,15 @@ impl ProcessRun {
                         retryable: false,
                     }),
                 };
-                *lock(&self.result) = Some(copy);
+                *slot = Some(copy);
                 r
             }
-            None => done
-                .borrow()
-                .clone()
-                .ok_or_else(|| Error::provider("unknown", "the run ended without an outcome")),
+            None => {
+                drop(slot);
+                done.borrow()
+                    .clone()
+                    .ok_or_else(|| Error::provider("unknown", "the run ended without an outcome"))
+            }
         }
     }
 

@@ -1696,6 +1696,39 @@ async fn a_log_that_cannot_be_written_kills_the_command_and_fails_the_process() 
     assert!(matches!(state, LogState::Aborted { .. }), "{state:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_concurrent_wait_on_a_failed_run_sees_the_failure() {
+    let (tx, mut exec) = live();
+    let mut control = MockExecControl::new();
+    control.expect_kill().times(1).returning(|| Ok(()));
+    exec.control = Some(Arc::new(control));
+    let mut h = handle();
+    h.expect_exec().times(1).return_once(move |_| Ok(exec));
+    let one_byte_chunks = Coalescing {
+        max_bytes: 1,
+        max_delay: Duration::from_secs(3600),
+    };
+    let (f, sid, fail) = warm_with_flaky_log(h, one_byte_chunks).await;
+    let run = Arc::new(
+        f.svc
+            .spawn(&sid, CommandSpec::new(ExecRequest::new(["build"])))
+            .await
+            .unwrap(),
+    );
+    let waiters: Vec<_> = (0..16)
+        .map(|_| {
+            let run = run.clone();
+            tokio::spawn(async move { wait(&run).await })
+        })
+        .collect();
+    fail.store(true, Ordering::SeqCst);
+    tx.send(stdout("x")).unwrap();
+    for w in waiters {
+        let got = w.await.unwrap();
+        assert_eq!(got.unwrap_err().code(), "store_error");
+    }
+}
+
 #[tokio::test]
 async fn an_observed_start_whose_log_cannot_be_written_leaves_no_running_record() {
     let (f, sid, fail) = warm_with_flaky_log(handle(), Coalescing::default()).await;
