@@ -238,7 +238,7 @@ async fn a_zeroed_tail_after_a_power_loss_is_refused_not_returned_as_output() {
     let second = logs.read(&process, ReadFrom::Seq(2), 1).await.unwrap();
     let offset = second.entries[0].offset;
     let len = second.entries[0].line.len();
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&segment)
         .unwrap();
