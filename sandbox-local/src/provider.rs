@@ -226,8 +226,9 @@ pub(crate) struct SandboxContext {
     pub delete_on_stop: bool,
     pub processes: Arc<ProcessTable>,
     stopped: AtomicBool,
-    /// Built once per workspace directory (rules name inodes: a restore invalidates it).
-    landlock: Mutex<Option<Arc<OwnedFd>>>,
+    /// Built once per workspace directory (rules name inodes: a restore, through this handle or
+    /// another one, invalidates it), with the workspace's `(dev, ino)` it was built for.
+    landlock: Mutex<Option<((u64, u64), Arc<OwnedFd>)>>,
 }
 
 impl SandboxContext {
@@ -273,9 +274,15 @@ impl SandboxContext {
     }
 
     pub(crate) fn landlock_ruleset(&self) -> Result<Arc<OwnedFd>> {
+        use std::os::unix::fs::MetadataExt;
+        let workspace = std::fs::metadata(&self.layout.workspace)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| error::io("inspect the workspace", e))?;
         let mut cached = self.landlock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fd) = cached.as_ref() {
-            return Ok(fd.clone());
+        if let Some((built_for, fd)) = cached.as_ref() {
+            if *built_for == workspace {
+                return Ok(fd.clone());
+            }
         }
         let fd = isolation::landlock::ruleset(
             &self.layout.workspace,
@@ -283,7 +290,7 @@ impl SandboxContext {
             &self.layout.root(),
             self.network,
         )?;
-        *cached = Some(fd.clone());
+        *cached = Some((workspace, fd.clone()));
         Ok(fd)
     }
 

@@ -243,3 +243,27 @@ async fn an_unavailable_isolation_mode_is_refused_at_create() {
     assert_eq!(sb.warnings.is_empty(), offered[0] != Isolation::None);
     sb.handle.stop(StopMode::Delete).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_restore_through_one_handle_leaves_another_handle_able_to_write() {
+    for mode in common::modes(&Isolation::ALL).await {
+        let (_root, p, sb) = common::sandbox(mode, "").await;
+        let other = p
+            .resume(&ResumeRequest {
+                sandbox_id: SandboxId::parse(sb.external_id.trim_start_matches("local:")).unwrap(),
+                external_id: sb.external_id.clone(),
+                url: None,
+                params: sb.params.clone(),
+            })
+            .await
+            .unwrap();
+        let ran = run(other.as_ref(), sh("echo before > f && cat f")).await;
+        assert_eq!(ran.stdout, "before\n", "{mode}: {ran:?}");
+        let cp = sb.handle.checkpoint(None).await.unwrap();
+        sb.handle.restore(&cp.id).await.unwrap();
+        // The workspace is a new directory now: the other handle's commands still write in it.
+        let ran = run(other.as_ref(), sh("echo after > g && cat f g")).await;
+        assert_eq!(ran.stdout, "before\nafter\n", "{mode}: {ran:?}");
+        sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+}
