@@ -20,11 +20,20 @@ pub(crate) struct InstantClient {
     pub(crate) config: Arc<InstantConfig>,
 }
 
-fn transport(e: reqwest::Error) -> InstantError {
+/// Limit of a whole admin call (query, transact, push).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Limit of connecting; the SSE session itself has no end.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit of fetching one flushed part of a stream.
+const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `limit` is the timeout that applied, reported when it is what failed.
+fn transport(e: reqwest::Error, limit: Duration) -> InstantError {
     // reqwest messages name the URL, which holds no credential (the token is a header).
     InstantError::Transport {
         connect: e.is_connect(),
         timeout: e.is_timeout(),
+        limit,
         message: e.to_string(),
     }
 }
@@ -43,7 +52,7 @@ fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
 impl InstantClient {
     pub(crate) fn new(config: InstantConfig) -> Result<Self> {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| {
                 sandbox_core::Error::store(
@@ -75,12 +84,12 @@ impl InstantClient {
             .admin(self.http.post(self.url(path)))
             .header("Instant-Admin-Version", SDK_VERSION)
             .header("Instant-Core-Version", SDK_VERSION)
-            .timeout(Duration::from_secs(60))
+            .timeout(CALL_TIMEOUT)
             .body(body.to_string());
-        let resp = rb.send().await.map_err(transport)?;
+        let resp = rb.send().await.map_err(|e| transport(e, CALL_TIMEOUT))?;
         let status = resp.status().as_u16();
         let ra = retry_after(resp.headers());
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let bytes = resp.bytes().await.map_err(|e| transport(e, CALL_TIMEOUT))?;
         if status != 200 {
             return Err(from_body(status, &bytes, ra));
         }
@@ -140,7 +149,7 @@ impl InstantClient {
             .body(body.to_string())
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| transport(e, CONNECT_TIMEOUT))?;
         let status = resp.status().as_u16();
         if status != 200 {
             let ra = retry_after(resp.headers());
@@ -156,11 +165,11 @@ impl InstantClient {
             .http
             .post(self.url("/admin/sse/push"))
             .header("content-type", "application/json")
-            .timeout(Duration::from_secs(60))
+            .timeout(CALL_TIMEOUT)
             .body(body.to_string())
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| transport(e, CALL_TIMEOUT))?;
         let status = resp.status().as_u16();
         if status != 200 {
             let ra = retry_after(resp.headers());
@@ -177,10 +186,10 @@ impl InstantClient {
         let resp = self
             .http
             .get(url)
-            .timeout(Duration::from_secs(120))
+            .timeout(FILE_TIMEOUT)
             .send()
             .await
-            .map_err(|e| transport(e.without_url()))?;
+            .map_err(|e| transport(e.without_url(), FILE_TIMEOUT))?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(InstantError::Http {
@@ -190,7 +199,9 @@ impl InstantClient {
                 retry_after: retry_after(resp.headers()),
             });
         }
-        resp.bytes().await.map_err(|e| transport(e.without_url()))
+        resp.bytes()
+            .await
+            .map_err(|e| transport(e.without_url(), FILE_TIMEOUT))
     }
 }
 

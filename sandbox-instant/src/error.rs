@@ -23,6 +23,8 @@ pub(crate) enum InstantError {
     Transport {
         connect: bool,
         timeout: bool,
+        /// The timeout that applied.
+        limit: Duration,
         message: String,
     },
     /// A 200 answer whose body is not what the protocol says.
@@ -117,12 +119,13 @@ impl InstantError {
             InstantError::Transport {
                 connect,
                 timeout,
+                limit,
                 message,
             } => {
                 if timeout {
                     Error::Timeout {
                         operation: format!("{INSTANT} {ctx}"),
-                        elapsed: Duration::ZERO,
+                        elapsed: limit,
                     }
                 } else if connect {
                     Error::Transient {
@@ -236,6 +239,19 @@ mod tests {
         )
         .into_core(&Op::Patch(Missing::Sandbox, "s".into()));
         assert_eq!(e.code(), "sandbox_not_found");
+    }
+
+    #[test]
+    fn a_timed_out_call_reports_the_limit_it_hit() {
+        let e = InstantError::Transport {
+            connect: false,
+            timeout: true,
+            limit: Duration::from_secs(60),
+            message: "operation timed out".into(),
+        }
+        .into_core(&Op::Query);
+        assert_eq!(e.code(), "timeout");
+        assert!(e.to_string().contains("after 60000ms"), "{e}");
     }
 
     #[test]
