@@ -213,6 +213,9 @@ impl Provider for LocalProvider {
     }
 }
 
+/// A directory's `(dev, ino)`.
+type DirId = (u64, u64);
+
 /// What a handle and its running commands share.
 #[derive(Debug)]
 pub(crate) struct SandboxContext {
@@ -228,7 +231,7 @@ pub(crate) struct SandboxContext {
     stopped: AtomicBool,
     /// Built once per workspace directory (rules name inodes: a restore, through this handle or
     /// another one, invalidates it), with the workspace's `(dev, ino)` it was built for.
-    landlock: Mutex<Option<((u64, u64), Arc<OwnedFd>)>>,
+    landlock: Mutex<Option<(DirId, Arc<OwnedFd>)>>,
 }
 
 impl SandboxContext {
