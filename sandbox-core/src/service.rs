@@ -1346,6 +1346,18 @@ impl SandboxService {
                 "a command is required",
             ));
         }
+        if let Some(bad) = spec
+            .env_keys
+            .iter()
+            .find(|k| !crate::shell::is_valid_env_key(k))
+        {
+            return Err(Error::invalid(
+                format!("sandbox_env_key_invalid:{bad}"),
+                format!(
+                    "sandbox_env_key_invalid:{bad}: environment variable names must match ^[A-Za-z_][A-Za-z0-9_]*$"
+                ),
+            ));
+        }
         let pid = ProcessId::new();
         let mut writer = ChunkWriter::open(self.inner.logs.as_ref(), *id, pid).await?;
         let now = now_ms();

@@ -1403,6 +1403,19 @@ fn observed_spec() -> ObservedSpec {
     }
 }
 
+#[tokio::test]
+async fn an_observed_start_with_a_bad_env_key_records_nothing() {
+    let (f, sid) = warm(handle(), Coalescing::default()).await;
+    let spec = ObservedSpec {
+        env_keys: vec!["HOME".into(), "BAD-KEY".into()],
+        ..observed_spec()
+    };
+    let err = f.svc.start_observed(&sid, spec).await.unwrap_err();
+    assert_eq!(err.code(), "sandbox_env_key_invalid:BAD-KEY");
+    assert!(f.processes().await.is_empty());
+    assert!(lock(&f.svc.inner.observed).is_empty());
+}
+
 fn text(s: &str) -> Option<Map<String, Value>> {
     Some(output_data(s.as_bytes()))
 }
