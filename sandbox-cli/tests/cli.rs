@@ -1031,6 +1031,69 @@ fn bad_env_keys_are_refused_before_anything_runs() {
     );
 }
 
+#[test]
+fn every_bad_input_is_one_error_line_that_says_what_failed() {
+    let home = Home::new();
+    let id = home.create();
+    let src = home.path().join("f.txt");
+    std::fs::write(&src, b"x").unwrap();
+    let unknown = "3f1c2b7e-8d4a-4c1e-9b2f-0a1b2c3d4e5f";
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["show".into(), unknown.into()], unknown),
+        (
+            vec![
+                "exec".into(),
+                "not-a-uuid".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "sandbox id",
+        ),
+        (vec!["logs".into(), "12345".into()], "process id"),
+        (
+            vec!["--provider".into(), "nosuch".into(), "create".into()],
+            "nosuch",
+        ),
+        (
+            vec![
+                "exec".into(),
+                id.clone(),
+                "--env".into(),
+                "BAD-KEY=1".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "BAD-KEY",
+        ),
+        (
+            vec![
+                "cp".into(),
+                src.to_str().unwrap().into(),
+                format!("{id}:../../x"),
+            ],
+            &id,
+        ),
+        (
+            vec!["ls".into(), "--status".into(), "sleeping".into()],
+            "sleeping",
+        ),
+        (vec!["--store".into(), "bogus".into(), "ls".into()], "bogus"),
+    ];
+    let before = home.snapshot();
+    for (args, names) in &cases {
+        let out = home.cmd().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let text = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(text.lines().count(), 1, "{args:?}: {text}");
+        assert!(
+            text.starts_with("error: ") && text.contains(names),
+            "{args:?}: {text}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    assert_eq!(home.snapshot(), before);
+}
+
 // ---- the README --------------------------------------------------------------------------
 
 /// The README's `cargo run -p sandbox-cli -- ARGS` commands, and the packages its `cargo test`
