@@ -242,3 +242,38 @@ async fn stop_does_not_wait_for_a_consumer_that_never_reads() {
         drop(exec);
     }
 }
+
+#[tokio::test]
+async fn stdin_larger_than_a_pipe_buffer_reaches_the_command_whole() {
+    for mode in common::modes(&Isolation::ALL).await {
+        let (_root, _p, sb) = common::sandbox(mode, "").await;
+        // 4 MiB echoed back while it is still being fed: neither side may wait for the other.
+        let input: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut exec = sb
+            .handle
+            .exec(ExecRequest::new(["cat"]).stdin(input.clone()))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut exit = None;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(ev) = exec.events.next().await {
+                match ev.unwrap() {
+                    ExecEvent::Stdout(b) => out.extend_from_slice(&b),
+                    ExecEvent::Stderr(b) => panic!("{mode}: stderr {b:?}"),
+                    ExecEvent::Exit(e) => exit = Some(e),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{mode}: cat did not finish"));
+        assert!(exit.unwrap().success(), "{mode}");
+        assert!(
+            out == input,
+            "{mode}: {} bytes back of {}",
+            out.len(),
+            input.len()
+        );
+        sb.handle.stop(StopMode::Delete).await.unwrap();
+    }
+}

@@ -267,3 +267,34 @@ async fn a_restore_through_one_handle_leaves_another_handle_able_to_write() {
         sb.handle.stop(StopMode::Delete).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn the_isolation_variable_selects_the_mode_and_the_config_wins_over_it() {
+    let modes = common::modes(&[Isolation::Landlock]).await;
+    for mode in modes {
+        let root = common::root();
+        let env = sandbox_core::Env::from_pairs([
+            (
+                sandbox_local::ROOT_ENV,
+                root.path().to_string_lossy().into_owned(),
+            ),
+            (sandbox_local::ISOLATION_ENV, mode.as_str().to_string()),
+        ]);
+        let p = sandbox_local::LocalProvider::from_config(&SandboxConfig::default(), &env).unwrap();
+        for (config, expected) in [
+            (SandboxConfig::default(), mode),
+            (common::config(Isolation::None, ""), Isolation::None),
+        ] {
+            let sb = p
+                .create(&CreateRequest {
+                    sandbox_id: SandboxId::new(),
+                    config,
+                })
+                .await
+                .unwrap();
+            let params: LocalParams = serde_json::from_value(sb.params.clone()).unwrap();
+            assert_eq!(params.isolation, expected);
+            sb.handle.stop(StopMode::Delete).await.unwrap();
+        }
+    }
+}
