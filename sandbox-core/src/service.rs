@@ -1444,7 +1444,7 @@ impl SandboxService {
             code: "sandbox_process_stream_closed".into(),
             message: format!("process {pid} is finished"),
         })?;
-        writer.append(kind, data).await
+        writer.append(kind, keep_nul_output(kind, data)).await
     }
 
     /// Ends an observed process: writes an `error` chunk when there is error text, always an
@@ -1848,6 +1848,24 @@ fn bootstrap_failure(provider: &str, step: &str, e: Error) -> Error {
         e @ Error::Unsupported { .. } => e,
         other => Error::provider(provider, context(other.to_string())),
     }
+}
+
+/// Output text holding NUL loses it in `data.text` (InstantDB rejects NUL): keep the exact
+/// bytes in `data.base64`, as for a recorded run's output.
+fn keep_nul_output(
+    kind: ChunkType,
+    data: Option<Map<String, Value>>,
+) -> Option<Map<String, Value>> {
+    let mut data = data?;
+    if matches!(kind, ChunkType::Stdout | ChunkType::Stderr) && !data.contains_key("base64") {
+        if let Some(text) = data.get("text").and_then(Value::as_str) {
+            if text.contains('\0') {
+                let exact = output_data(text.as_bytes());
+                data.extend(exact);
+            }
+        }
+    }
+    Some(data)
 }
 
 fn no_exit(provider: &str) -> Error {

@@ -1416,6 +1416,25 @@ async fn an_observed_start_with_a_bad_env_key_records_nothing() {
     assert!(lock(&f.svc.inner.observed).is_empty());
 }
 
+#[tokio::test]
+async fn observed_output_with_nul_keeps_its_exact_bytes() {
+    let (f, sid) = warm(handle(), Coalescing::default()).await;
+    let pid = f.svc.start_observed(&sid, observed_spec()).await.unwrap();
+    let raw = json!({ "text": "a\u{0}b" }).as_object().cloned();
+    f.svc
+        .append_observed(&pid, ChunkType::Stdout, raw)
+        .await
+        .unwrap();
+    f.svc
+        .finish_observed(&pid, ObservedFinish::default())
+        .await
+        .unwrap();
+    let page = f.svc.read_log(&pid, ReadFrom::Seq(2), 1).await.unwrap();
+    let chunk = page.entries[0].chunk().unwrap();
+    assert_eq!(chunk.text(), Some("ab"));
+    assert_eq!(f.svc.transcript(&pid).await.unwrap().stdout, b"a\0b");
+}
+
 fn text(s: &str) -> Option<Map<String, Value>> {
     Some(output_data(s.as_bytes()))
 }
