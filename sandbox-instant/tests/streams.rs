@@ -395,3 +395,34 @@ async fn a_finished_log_is_read_whole_when_the_server_answers_part_by_part() {
         emu.stream_content(&pid.stream_client_id()).unwrap().len() as u64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulators_sse_session_opens_with_a_retry_line_and_traces_every_message() {
+    let emu = common::emulator().await;
+    let mut resp = reqwest::Client::new()
+        .post(format!(
+            "{}/admin/sse?app_id={}",
+            emu.base_url(),
+            common::APP_ID
+        ))
+        .header("app-id", common::APP_ID)
+        .bearer_auth(common::TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut first = String::new();
+    while !first.contains("\n\n") {
+        let chunk = resp.chunk().await.unwrap().expect("the session stays open");
+        first.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(first.starts_with("retry:"), "{first:?}");
+    let data = first
+        .lines()
+        .find_map(|l| l.strip_prefix("data:"))
+        .expect("a data line");
+    let init: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(init["op"], "sse-init");
+    assert!(init["trace-id"].is_string(), "{init}");
+}

@@ -487,14 +487,37 @@ struct SessionStream {
     rx: mpsc::UnboundedReceiver<Value>,
     shared: Arc<Shared>,
     session_id: String,
+    /// The server's first event carries a `retry:` line.
+    started: bool,
+}
+
+/// Every server message carries a `trace-id`, as the real server's do.
+fn with_trace_id(mut v: Value) -> Value {
+    match &mut v {
+        Value::Array(a) => a.iter_mut().for_each(|m| {
+            m["trace-id"] = json!(uuid::Uuid::new_v4().to_string());
+        }),
+        Value::Object(m) => {
+            m.insert("trace-id".into(), json!(uuid::Uuid::new_v4().to_string()));
+        }
+        _ => {}
+    }
+    v
 }
 
 impl Stream for SessionStream {
     type Item = Result<Event, Infallible>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|o| o.map(|v| Ok(Event::default().data(v.to_string()))))
+        let polled = self.rx.poll_recv(cx);
+        polled.map(|o| {
+            o.map(|v| {
+                let mut event = Event::default();
+                if !std::mem::replace(&mut self.started, true) {
+                    event = event.retry(Duration::from_millis(1000));
+                }
+                Ok(event.data(with_trace_id(v).to_string()))
+            })
+        })
     }
 }
 
@@ -544,6 +567,7 @@ async fn sse_open(State(sh): State<Arc<Shared>>, _body: axum::body::Bytes) -> Re
         rx,
         shared: sh.clone(),
         session_id,
+        started: false,
     };
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
