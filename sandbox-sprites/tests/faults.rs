@@ -123,6 +123,21 @@ async fn a_create_whose_sprite_exists_reuses_it() {
 }
 
 #[tokio::test]
+async fn a_taken_name_answered_with_400_already_exists_is_reused_too() {
+    let emu = emulator().await;
+    emu.answer_taken_names_with(400);
+    let p = provider_with(&emu, TOKEN, r#"{"name":"fixed-name"}"#);
+    create(&p).await.unwrap();
+    emu.clear_requests();
+    let again = create(&p).await.unwrap();
+    assert_eq!(again.external_id, "fixed-name");
+    assert_eq!(
+        paths(&emu),
+        vec!["POST /v1/sprites", "GET /v1/sprites/fixed-name"]
+    );
+}
+
+#[tokio::test]
 async fn the_create_requests_own_section_applies() {
     let emu = emulator().await;
     let p = provider(&emu);

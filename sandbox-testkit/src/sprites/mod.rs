@@ -103,6 +103,8 @@ struct Faults {
     corrupt_json: u32,
     checkpoint_error: Option<String>,
     hide_checkpoint_ids: bool,
+    /// Status of a create whose name is taken, when not 409.
+    exists_status: Option<u16>,
 }
 
 struct Sprite {
@@ -293,6 +295,12 @@ impl SpritesEmulator {
     /// Checkpoint `complete` messages no longer carry the id (clients must list to find it).
     pub fn hide_checkpoint_ids(&self, hide: bool) {
         lock(&self.shared.faults).hide_checkpoint_ids = hide;
+    }
+
+    /// Creating a sprite whose name is taken answers `status` with `{"error":"already_exists"}`:
+    /// 409 (the default, per Fly's guides) or 400 (per the generated API page).
+    pub fn answer_taken_names_with(&self, status: u16) {
+        lock(&self.shared.faults).exists_status = Some(status);
     }
 
     /// Adds `latency` before every request is handled.
@@ -516,9 +524,13 @@ async fn create_sprite(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
             "url_settings.auth",
         );
     }
+    let exists_status = lock(&shared.faults)
+        .exists_status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::CONFLICT);
     let exists = || {
         api_error(
-            StatusCode::CONFLICT,
+            exists_status,
             "already_exists",
             format!("sprite {name} already exists"),
         )
