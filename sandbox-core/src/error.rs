@@ -287,7 +287,7 @@ impl Error {
     }
 
     /// Maps an HTTP status and the server's message to an error category, in one place for every
-    /// HTTP backend: 401/403 unauthorized, 404 not found, 408 timeout, 409 conflict,
+    /// HTTP backend: 401/403 unauthorized, 404 not found, 408 transient, 409 conflict,
     /// 413 invalid input (too large), 429 rate limited, 5xx transient, other 4xx provider errors.
     pub fn from_http_status(
         provider: &str,
@@ -306,9 +306,11 @@ impl Error {
                 id: message,
                 hint: None,
             },
-            408 => Error::Timeout {
-                operation: format!("{provider} request ({message})"),
-                elapsed: Duration::ZERO,
+            // The server gave up waiting for the request and did not act on it: safe to send
+            // again, even for an operation that is not idempotent.
+            408 => Error::Transient {
+                provider: provider.into(),
+                message: format!("HTTP 408: {message}"),
             },
             409 => Error::Conflict {
                 code: format!("{provider}_conflict"),

@@ -169,6 +169,25 @@ mod tests {
         assert!(!p.should_retry(&timeout(), 1, Idempotency::NonIdempotent));
     }
 
+    #[test]
+    fn http_408_429_and_5xx_are_retried_even_when_not_idempotent() {
+        let p = RetryPolicy::default();
+        for status in [408, 429, 500, 502, 503, 504] {
+            let e = Error::from_http_status("p", status, "x", None);
+            assert!(
+                p.should_retry(&e, 1, Idempotency::NonIdempotent),
+                "{status}: {e:?}"
+            );
+        }
+        for status in [400, 401, 403, 404, 409, 413, 422] {
+            let e = Error::from_http_status("p", status, "x", None);
+            assert!(
+                !p.should_retry(&e, 1, Idempotency::Idempotent),
+                "{status}: {e:?}"
+            );
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn no_attempt_starts_after_the_deadline() {
         let p = RetryPolicy {
