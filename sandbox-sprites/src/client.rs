@@ -255,9 +255,16 @@ impl SpritesClient {
                     .map_err(|e| error::from_transport("create sprite", name, &e))?;
                 let status = resp.status();
                 if status.is_success() {
-                    return Self::json::<SpriteInfo>("create sprite", name, resp)
-                        .await
-                        .map(Some);
+                    // The sprite exists now whatever the body says: an unreadable answer is
+                    // followed by a read of the sprite rather than an error that leaks it.
+                    return match Self::json::<SpriteInfo>("create sprite", name, resp).await {
+                        Ok(info) => Ok(Some(info)),
+                        Err(e @ Error::Provider { .. }) => {
+                            tracing::debug!(sprite = name, error = %e, "reading the sprite back");
+                            Ok(None)
+                        }
+                        Err(e) => Err(e),
+                    };
                 }
                 let retry_after = error::retry_after(resp.headers());
                 let bytes = resp.bytes().await.unwrap_or_default();

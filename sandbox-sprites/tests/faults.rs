@@ -245,6 +245,27 @@ async fn malformed_json_is_a_provider_error() {
 }
 
 #[tokio::test]
+async fn a_malformed_create_answer_reads_the_made_sprite_back_instead_of_leaking_it() {
+    let emu = emulator().await;
+    let p = provider(&emu);
+    emu.corrupt_next_json(1);
+    let made = create(&p).await.unwrap();
+    assert_eq!(emu.sprite_names(), vec![made.external_id.clone()]);
+    assert_eq!(
+        paths(&emu),
+        vec![
+            "POST /v1/sprites".to_string(),
+            format!("GET /v1/sprites/{}", made.external_id),
+        ]
+    );
+    // When the read is malformed too, the create fails as a provider error.
+    emu.corrupt_next_json(2);
+    let e = create(&p).await.unwrap_err();
+    assert!(matches!(e, Error::Provider { .. }), "{e:?}");
+    assert!(e.to_string().contains("malformed"), "{e}");
+}
+
+#[tokio::test]
 async fn a_truncated_exit_frame_is_a_provider_error_not_an_exit() {
     let emu = emulator().await;
     let p = provider(&emu);
