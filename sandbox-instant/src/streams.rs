@@ -861,7 +861,8 @@ impl StreamSink for InstantSink {
                     None => None,
                 };
                 let Some(m) = msg else {
-                    // The session ended: resubscribe from where we are.
+                    // The session ended: resubscribe from where we are. Only drops in a row,
+                    // with nothing received between them, end the follow.
                     st.sub = None;
                     st.drops += 1;
                     if st.drops > 20 {
@@ -874,6 +875,7 @@ impl StreamSink for InstantSink {
                     }
                     continue;
                 };
+                st.drops = 0;
                 let client = st.sink.inner.client.clone();
                 match apply_message(&client, &mut st.dec, &m, &op).await {
                     Ok(end) => {

@@ -426,3 +426,32 @@ async fn the_emulators_sse_session_opens_with_a_retry_line_and_traces_every_mess
     assert_eq!(init["op"], "sse-init");
     assert!(init["trace-id"].is_string(), "{init}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_outlives_many_dropped_sessions_spread_over_a_long_log() {
+    let emu = common::emulator().await;
+    let b = common::backend(&emu);
+    let pid = ProcessId::new();
+    let mut w = ChunkWriter::open(b.logs.as_ref(), SandboxId::new(), pid)
+        .await
+        .unwrap();
+    let mut follower = b.logs.follow(&pid, ReadFrom::START).await.unwrap();
+    let n = 30;
+    for i in 1..=n {
+        w.append(ChunkType::Stdout, text(i)).await.unwrap();
+        w.flush().await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), follower.next())
+            .await
+            .expect("the follower keeps up")
+            .expect("the follow goes on")
+            .unwrap();
+        assert_eq!(e.seq, i as u64);
+        // The follower is between two reads: it sees this drop on its next one.
+        assert!(emu.drop_sse_sessions() >= 1);
+    }
+    w.close().await.unwrap();
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(10), follower.collect::<Vec<_>>())
+        .await
+        .expect("the follow ends with the log");
+    assert!(rest.is_empty(), "{rest:?}");
+}
