@@ -313,7 +313,11 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(false);
-    let mut child = cmd.spawn().map_err(|e| Error::StartFailed {
+    let spawned = match ctx.isolation {
+        Isolation::Bwrap => spawn_from_lasting_thread(cmd).await,
+        _ => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(|e| Error::StartFailed {
         message: format!("{}: {e}", req.argv[0]),
     })?;
     let pid = child.id().unwrap_or_default() as i32;
@@ -400,6 +404,39 @@ pub(crate) async fn spawn(ctx: &Arc<SandboxContext>, req: ExecRequest) -> Result
         control: Some(Arc::new(GroupControl(group))),
         external_id: Some(pid.to_string()),
     })
+}
+
+/// Spawns `cmd` from a thread that lives as long as the process. bubblewrap's
+/// `--die-with-parent` (`PR_SET_PDEATHSIG`) fires when the *thread* that forked it exits, and
+/// tokio retires idle blocking-pool threads and workers that ran `block_in_place`.
+async fn spawn_from_lasting_thread(
+    mut cmd: tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static SPAWNER: OnceLock<Option<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("sandbox-local-spawner".into())
+            .spawn(move || rx.into_iter().for_each(|job| job()))
+            .ok()
+            .map(|_| tx)
+    });
+    let Some(spawner) = spawner else {
+        return Err(std::io::Error::other(
+            "no thread to start bubblewrap from could be created",
+        ));
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        // The child is registered with the caller's runtime, which reaps it.
+        let _entered = runtime.enter();
+        let _ = tx.send(cmd.spawn());
+    });
+    let gone = || std::io::Error::other("the thread that starts bubblewrap is gone");
+    spawner.send(job).map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())?
 }
 
 /// Forwards one pipe as events until EOF, or until it has been idle for a while after the
