@@ -159,6 +159,17 @@ impl Provider for LocalProvider {
             .choose(merged.isolation.unwrap_or(IsolationMode::Auto))?;
         let ports = req.config.ports.clone().unwrap_or_default();
         let network = merged.network.unwrap_or(false) || !ports.is_empty();
+        if let Some(root) = own.root.as_ref().filter(|r| !r.is_absolute()) {
+            // Relative to whatever the caller's working directory happens to be: refused, as
+            // for the provider's own root.
+            return Err(Error::invalid(
+                "sandbox_local_root_invalid",
+                format!(
+                    "local sandbox root {} must be an absolute path",
+                    root.display()
+                ),
+            ));
+        }
         let root = self.root(own.root.as_deref()).await?;
         let sandbox_id = req.sandbox_id.to_string();
         let layout = Layout::new(&root, &sandbox_id);

@@ -298,3 +298,23 @@ async fn the_isolation_variable_selects_the_mode_and_the_config_wins_over_it() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_relative_root_in_a_sandbox_config_is_invalid_input() {
+    let root = common::root();
+    let p = common::provider(root.path());
+    let created = p
+        .create(&CreateRequest {
+            sandbox_id: SandboxId::new(),
+            config: SandboxConfig::from_json(
+                r#"{"local": {"isolation": "none", "root": "relative/sandboxes"}}"#,
+            )
+            .unwrap(),
+        })
+        .await;
+    match created {
+        Err(e) => assert_eq!(e.code(), "sandbox_local_root_invalid"),
+        Ok(_) => panic!("a relative root was accepted"),
+    }
+    assert!(!std::path::Path::new("relative").exists());
+}
