@@ -25,8 +25,8 @@ use crate::id::{ProcessId, SandboxId};
 use crate::paths::confine;
 use crate::protocol::{output_data, ChunkType, OutputDecoder, ProcessChunk, Transcript};
 use crate::provider::{
-    Checkpoint, CreateRequest, ExecControl, ExecEvent, ExecRequest, ExitStatus, FileWrite,
-    Provider, ResumeRequest, SandboxHandle, StopMode,
+    Capabilities, Checkpoint, CreateRequest, ExecControl, ExecEvent, ExecRequest, ExitStatus,
+    FileWrite, Provider, ResumeRequest, SandboxHandle, StopMode,
 };
 use crate::record::{
     now_ms, ProcessFilter, ProcessKind, ProcessMode, ProcessPatch, ProcessRecord, ProcessStatus,
@@ -177,6 +177,9 @@ struct Inner {
     providers: Mutex<HashMap<String, Arc<dyn Provider>>>,
     bootstrappers: Vec<Arc<dyn Bootstrapper>>,
     handles: Mutex<HashMap<SandboxId, Arc<dyn SandboxHandle>>>,
+    /// Capabilities by provider name, from the provider instance that made or resumed a
+    /// sandbox (so checking them never builds another provider).
+    capabilities: Mutex<HashMap<String, Capabilities>>,
     cache: Mutex<HashMap<SandboxId, SandboxRecord>>,
     running: Mutex<HashMap<ProcessId, Running>>,
     observed: Mutex<HashMap<ProcessId, Arc<tokio::sync::Mutex<Option<ChunkWriter>>>>>,
@@ -319,6 +322,7 @@ impl ServiceBuilder {
                 providers: Mutex::new(self.providers),
                 bootstrappers,
                 handles: Mutex::new(HashMap::new()),
+                capabilities: Mutex::new(HashMap::new()),
                 cache: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashMap::new()),
                 observed: Mutex::new(HashMap::new()),
@@ -414,6 +418,7 @@ impl SandboxService {
     pub async fn create(&self, config: &SandboxConfig) -> Result<SandboxRecord> {
         let name = config.provider_name(&self.inner.env);
         let provider = self.provider_for_create(&name, config)?;
+        lock(&self.inner.capabilities).insert(name.clone(), provider.capabilities());
         let id = SandboxId::new();
         let now = now_ms();
         let mut record = SandboxRecord {
@@ -799,7 +804,17 @@ impl SandboxService {
         Self::check_command(&req)?;
         // A provider that cannot honour stdin or a timeout says so; never ignore them.
         if req.stdin.is_some() || req.timeout.is_some() {
-            let caps = self.provider(&record.provider)?.capabilities();
+            let known = lock(&self.inner.capabilities)
+                .get(&record.provider)
+                .copied();
+            let caps = match known {
+                Some(c) => c,
+                None => {
+                    let c = self.provider(&record.provider)?.capabilities();
+                    lock(&self.inner.capabilities).insert(record.provider.clone(), c);
+                    c
+                }
+            };
             for (asked, has, operation) in [
                 (req.stdin.is_some(), caps.stdin, "stdin"),
                 (req.timeout.is_some(), caps.timeout, "timeout"),
@@ -1308,7 +1323,8 @@ impl SandboxService {
         from: ReadFrom,
     ) -> Result<BoxStream<'static, Result<LogEntry>>> {
         self.process(pid).await?;
-        self.inner.logs.follow(pid, from).await
+        let entries = self.inner.logs.follow(pid, from).await?;
+        Ok(watch_writer(entries, self.inner.logs.clone(), *pid))
     }
 
     /// Reads a whole log and joins its output.
@@ -1866,6 +1882,50 @@ fn keep_nul_output(
         }
     }
     Some(data)
+}
+
+/// How long a follower waits for the next entry before it asks whether the log's writer is
+/// still alive.
+const WRITER_WATCH: Duration = Duration::from_secs(2);
+
+/// Ends a follow with `sandbox_process_writer_lost` when the log is still open but its writer
+/// is gone (it died without closing the log): otherwise the follower would wait until someone
+/// runs `reconcile`.
+fn watch_writer(
+    entries: BoxStream<'static, Result<LogEntry>>,
+    logs: Arc<dyn StreamSink>,
+    pid: ProcessId,
+) -> BoxStream<'static, Result<LogEntry>> {
+    Box::pin(futures::stream::unfold(
+        (entries, logs, false),
+        move |(mut entries, logs, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                // Timing out `next` is safe: the follow stream keeps its own state.
+                match tokio::time::timeout(WRITER_WATCH, entries.next()).await {
+                    Ok(Some(item)) => return Some((item, (entries, logs, false))),
+                    Ok(None) => return None,
+                    Err(_) => match logs.status(&pid).await {
+                        Ok(Some(s))
+                            if !s.state.is_finished() && s.writer == WriterLiveness::Gone =>
+                        {
+                            let e = Error::protocol(
+                                "sandbox_process_writer_lost",
+                                format!(
+                                    "the writer of process {pid} died without closing its log; \
+                                     `reconcile` marks it lost"
+                                ),
+                            );
+                            return Some((Err(e), (entries, logs, true)));
+                        }
+                        _ => continue,
+                    },
+                }
+            }
+        },
+    ))
 }
 
 fn no_exit(provider: &str) -> Error {

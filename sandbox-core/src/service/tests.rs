@@ -2165,3 +2165,68 @@ async fn stdin_or_timeout_a_provider_cannot_honour_is_unsupported_not_ignored() 
         .unwrap();
     assert!(processes.is_empty(), "a refused spawn left {processes:?}");
 }
+
+// ---- following a log whose writer died -------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn following_a_log_whose_writer_died_ends_with_writer_lost_instead_of_waiting() {
+    let f = Fixture::new(provider());
+    let sandbox = sandbox_record(SandboxStatus::Active);
+    f.records.insert_sandbox(&sandbox).await.unwrap();
+    let process = process_record(&sandbox.id);
+    f.records.insert_process(&process).await.unwrap();
+    // A writer elsewhere wrote one chunk and died without closing the log.
+    let mut writer = ChunkWriter::open(&f.logs, sandbox.id, process.id)
+        .await
+        .unwrap();
+    writer
+        .append(ChunkType::Stdout, Some(output_data(b"partial")))
+        .await
+        .unwrap();
+    drop(writer);
+
+    let mut follow = f
+        .svc
+        .follow_log(&process.id, ReadFrom::START)
+        .await
+        .unwrap();
+    let first = follow.next().await.unwrap().unwrap();
+    assert_eq!(first.seq, 1);
+    let e = tokio::time::timeout(WAIT, follow.next())
+        .await
+        .expect("the follower kept waiting for a dead writer")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), "sandbox_process_writer_lost");
+    assert!(
+        follow.next().await.is_none(),
+        "the follow goes on after the error"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn following_a_log_with_a_live_writer_keeps_waiting() {
+    let f = Fixture::new(provider());
+    let sandbox = sandbox_record(SandboxStatus::Active);
+    f.records.insert_sandbox(&sandbox).await.unwrap();
+    let process = process_record(&sandbox.id);
+    f.records.insert_process(&process).await.unwrap();
+    let mut writer = ChunkWriter::open(&f.logs, sandbox.id, process.id)
+        .await
+        .unwrap();
+    let mut follow = f
+        .svc
+        .follow_log(&process.id, ReadFrom::START)
+        .await
+        .unwrap();
+    // Several watch intervals pass with the writer alive and silent: no error, no end.
+    let waited = tokio::time::timeout(Duration::from_secs(30), follow.next()).await;
+    assert!(waited.is_err(), "follow ended or failed: {waited:?}");
+    writer
+        .append(ChunkType::Stdout, Some(output_data(b"late")))
+        .await
+        .unwrap();
+    writer.close().await.unwrap();
+    assert_eq!(follow.next().await.unwrap().unwrap().seq, 1);
+    assert!(follow.next().await.is_none());
+}
