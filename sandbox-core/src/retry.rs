@@ -78,7 +78,22 @@ impl RetryPolicy {
 
     /// Runs `op` until it succeeds, fails permanently, or attempts/deadline run out. Returns
     /// the last error.
-    pub async fn run<T, F, Fut>(&self, idempotency: Idempotency, mut op: F) -> Result<T>
+    pub async fn run<T, F, Fut>(&self, idempotency: Idempotency, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.run_if(idempotency, |_| true, op).await
+    }
+
+    /// [`RetryPolicy::run`], retrying only errors that `allowed` also accepts (e.g. only 429
+    /// for a request whose 5xx may already have done the work).
+    pub async fn run_if<T, F, Fut>(
+        &self,
+        idempotency: Idempotency,
+        allowed: impl Fn(&Error) -> bool,
+        mut op: F,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -89,7 +104,7 @@ impl RetryPolicy {
             match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    if !self.should_retry(&e, attempt, idempotency) {
+                    if !allowed(&e) || !self.should_retry(&e, attempt, idempotency) {
                         return Err(e);
                     }
                     let wait = self.backoff(&e, attempt);
@@ -156,6 +171,37 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_if_retries_only_what_the_caller_allows() {
+        let calls = AtomicU32::new(0);
+        let only_429 = |e: &Error| matches!(e, Error::RateLimited { .. });
+        let e = RetryPolicy::default()
+            .run_if(Idempotency::NonIdempotent, only_429, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(transient())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "transient");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a 5xx was retried");
+        let calls = AtomicU32::new(0);
+        RetryPolicy::default()
+            .run_if(Idempotency::NonIdempotent, only_429, || async {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(Error::RateLimited {
+                        provider: "p".into(),
+                        retry_after: None,
+                        message: "slow".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,6 @@ use sandbox_core::{Error, Idempotency, Result, RetryPolicy};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -144,7 +143,7 @@ impl SpritesClient {
     }
 
     /// Runs `op` under the retry policy, restricted by `mode`.
-    async fn retrying<T, F, Fut>(&self, mode: RetryMode, mut op: F) -> Result<T>
+    async fn retrying<T, F, Fut>(&self, mode: RetryMode, op: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -153,28 +152,13 @@ impl SpritesClient {
             RetryMode::Idempotent => Idempotency::Idempotent,
             _ => Idempotency::NonIdempotent,
         };
-        let start = Instant::now();
-        let mut attempt = 1;
-        loop {
-            let err = match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            let allowed = match mode {
-                RetryMode::RateLimitOnly => matches!(err, Error::RateLimited { .. }),
-                _ => true,
-            };
-            if !allowed || !self.retry.should_retry(&err, attempt, idempotency) {
-                return Err(err);
-            }
-            let wait = self.retry.backoff(&err, attempt);
-            if start.elapsed() + wait > self.retry.deadline {
-                return Err(err);
-            }
-            tracing::debug!(attempt, ?wait, error = %err, "sprites: retrying");
-            tokio::time::sleep(wait).await;
-            attempt += 1;
-        }
+        self.retry
+            .run_if(
+                idempotency,
+                |err| mode != RetryMode::RateLimitOnly || matches!(err, Error::RateLimited { .. }),
+                op,
+            )
+            .await
     }
 
     /// Sends one request; a non-2xx answer becomes an error.
