@@ -559,6 +559,11 @@ async fn reconcile(ctx: &Ctx) -> Result<u8, Failure> {
         for id in &report.gone {
             s.push_str(&format!("gone       sandbox {id} (now shutdown)\n"));
         }
+        for id in &report.interrupted {
+            s.push_str(&format!(
+                "interrupted sandbox {id} (its create died; now error)\n"
+            ));
+        }
         for pid in &report.alive {
             s.push_str(&format!("alive      process {pid}\n"));
         }

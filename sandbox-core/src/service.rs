@@ -158,7 +158,14 @@ pub struct ReconcileReport {
     pub alive: Vec<ProcessId>,
     /// Things that could not be checked (a provider without credentials, ...).
     pub skipped: Vec<String>,
+    /// Sandboxes left `creating` by a create that stopped (its process died) more than the
+    /// grace period ago, now `error` with `create_interrupted`.
+    #[serde(default)]
+    pub interrupted: Vec<SandboxId>,
 }
+
+/// How long a sandbox may stay `creating` before `reconcile` takes its create for dead.
+pub const CREATE_GRACE: Duration = Duration::from_secs(15 * 60);
 
 struct Running {
     sandbox_id: SandboxId,
@@ -180,6 +187,9 @@ struct Inner {
     /// Capabilities by provider name, from the provider instance that made or resumed a
     /// sandbox (so checking them never builds another provider).
     capabilities: Mutex<HashMap<String, Capabilities>>,
+    /// Sandboxes this service is creating right now.
+    creating: Mutex<std::collections::HashSet<SandboxId>>,
+    create_grace: Duration,
     cache: Mutex<HashMap<SandboxId, SandboxRecord>>,
     running: Mutex<HashMap<ProcessId, Running>>,
     observed: Mutex<HashMap<ProcessId, Arc<tokio::sync::Mutex<Option<ChunkWriter>>>>>,
@@ -211,6 +221,7 @@ pub struct ServiceBuilder {
     providers: HashMap<String, Arc<dyn Provider>>,
     bootstrappers: Option<Vec<Arc<dyn Bootstrapper>>>,
     coalescing: Coalescing,
+    create_grace: Duration,
 }
 
 impl fmt::Debug for ServiceBuilder {
@@ -233,6 +244,7 @@ impl Default for ServiceBuilder {
             providers: HashMap::new(),
             bootstrappers: None,
             coalescing: Coalescing::default(),
+            create_grace: CREATE_GRACE,
         }
     }
 }
@@ -288,6 +300,13 @@ impl ServiceBuilder {
         self
     }
 
+    /// How long a sandbox may stay `creating` before `reconcile` takes its create for dead
+    /// (default [`CREATE_GRACE`]).
+    pub fn create_grace(mut self, grace: Duration) -> Self {
+        self.create_grace = grace;
+        self
+    }
+
     /// How live output is grouped into chunks.
     pub fn coalescing(mut self, c: Coalescing) -> Self {
         self.coalescing = c;
@@ -323,6 +342,8 @@ impl ServiceBuilder {
                 bootstrappers,
                 handles: Mutex::new(HashMap::new()),
                 capabilities: Mutex::new(HashMap::new()),
+                creating: Mutex::new(Default::default()),
+                create_grace: self.create_grace,
                 cache: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashMap::new()),
                 observed: Mutex::new(HashMap::new()),
@@ -420,6 +441,7 @@ impl SandboxService {
         let provider = self.provider_for_create(&name, config)?;
         lock(&self.inner.capabilities).insert(name.clone(), provider.capabilities());
         let id = SandboxId::new();
+        let _in_flight = InFlightCreate::new(&self.inner.creating, id);
         let now = now_ms();
         let mut record = SandboxRecord {
             id,
@@ -1739,6 +1761,7 @@ impl SandboxService {
                 ..Default::default()
             })
             .await?;
+        self.reconcile_creates(&mut report).await?;
         for s in active {
             if lock(&self.inner.handles).contains_key(&s.id) {
                 continue;
@@ -1757,6 +1780,49 @@ impl SandboxService {
             }
         }
         Ok(report)
+    }
+
+    /// Sandboxes `creating` for longer than the grace period, whose create does not run in
+    /// this service, were left by a create that died: they become `error`. Their provider
+    /// object, if the provider made one, may remain: its external id was never recorded.
+    async fn reconcile_creates(&self, report: &mut ReconcileReport) -> Result<()> {
+        let creating = self
+            .inner
+            .records
+            .list_sandboxes(&SandboxFilter {
+                status: Some(SandboxStatus::Creating),
+                ..Default::default()
+            })
+            .await?;
+        let cutoff = now_ms() - self.inner.create_grace.as_millis() as i64;
+        for s in creating {
+            if s.created_at > cutoff || lock(&self.inner.creating).contains(&s.id) {
+                continue;
+            }
+            let mut params = s
+                .params
+                .as_ref()
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            params.insert(
+                "error".into(),
+                json!(format!(
+                    "create_interrupted: the create of this sandbox stopped before it was \
+                     active; a {} object may remain at the provider",
+                    s.provider
+                )),
+            );
+            let patch = SandboxPatch {
+                status: Some(SandboxStatus::Error),
+                params: Some(Value::Object(params)),
+                updated_at: Some(now_ms()),
+                ..Default::default()
+            };
+            self.inner.records.patch_sandbox(&s.id, &patch).await?;
+            report.interrupted.push(s.id);
+        }
+        Ok(())
     }
 
     /// A process whose log holds an `exit` chunk gets its final status from it.
@@ -1926,6 +1992,25 @@ fn watch_writer(
             }
         },
     ))
+}
+
+/// Marks a sandbox as being created by this service for as long as it lives.
+struct InFlightCreate<'a> {
+    set: &'a Mutex<std::collections::HashSet<SandboxId>>,
+    id: SandboxId,
+}
+
+impl<'a> InFlightCreate<'a> {
+    fn new(set: &'a Mutex<std::collections::HashSet<SandboxId>>, id: SandboxId) -> Self {
+        lock(set).insert(id);
+        InFlightCreate { set, id }
+    }
+}
+
+impl Drop for InFlightCreate<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.id);
+    }
 }
 
 fn no_exit(provider: &str) -> Error {

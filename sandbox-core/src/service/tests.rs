@@ -2230,3 +2230,78 @@ async fn following_a_log_with_a_live_writer_keeps_waiting() {
     assert_eq!(follow.next().await.unwrap().unwrap().seq, 1);
     assert!(follow.next().await.is_none());
 }
+
+// ---- interrupted creates -----------------------------------------------------------------
+
+#[tokio::test]
+async fn reconcile_marks_a_create_that_died_error_after_the_grace_period() {
+    let f = Fixture::new(provider());
+    let mut stale = sandbox_record(SandboxStatus::Creating);
+    stale.external_sandbox_id = None;
+    stale.created_at = now_ms() - CREATE_GRACE.as_millis() as i64 - 1_000;
+    let mut fresh = sandbox_record(SandboxStatus::Creating);
+    fresh.external_sandbox_id = None;
+    fresh.created_at = now_ms();
+    f.records.insert_sandbox(&stale).await.unwrap();
+    f.records.insert_sandbox(&fresh).await.unwrap();
+
+    let report = f.svc.reconcile().await.unwrap();
+    assert_eq!(report.interrupted, vec![stale.id]);
+    let stale = f.svc.get(&stale.id).await.unwrap();
+    assert_eq!(stale.status, SandboxStatus::Error);
+    let why = stale.params.as_ref().unwrap()["error"].as_str().unwrap();
+    assert!(why.starts_with("create_interrupted"), "{why}");
+    assert_eq!(
+        f.svc.get(&fresh.id).await.unwrap().status,
+        SandboxStatus::Creating,
+        "a create still within its grace period was touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_leaves_a_create_running_in_this_service_alone() {
+    // The provider's create blocks (one worker thread) until the test releases it.
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let mut p = provider();
+    let h = handle();
+    p.expect_create().times(1).return_once(move |_| {
+        wait.recv().unwrap();
+        Ok(provisioned(h))
+    });
+    let records = Arc::new(MemoryStore::new());
+    let svc = SandboxService::builder()
+        .records(records.clone())
+        .logs(Arc::new(MemorySink::new()))
+        .provider(Arc::new(p))
+        .use_registry(false)
+        .bootstrappers(vec![])
+        .env(Env::from_pairs([("SANDBOX_PROVIDER", PROVIDER)]))
+        .create_grace(Duration::ZERO)
+        .build()
+        .unwrap();
+    let creating = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.create(&config()).await }
+    });
+    let filter = SandboxFilter {
+        status: Some(SandboxStatus::Creating),
+        ..Default::default()
+    };
+    let id = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(r) = records.list_sandboxes(&filter).await.unwrap().pop() {
+                return r.id;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the create never wrote its record");
+
+    let report = svc.reconcile().await.unwrap();
+    assert!(report.interrupted.is_empty(), "{report:?}");
+    assert_eq!(svc.get(&id).await.unwrap().status, SandboxStatus::Creating);
+    release.send(()).unwrap();
+    let created = creating.await.unwrap().unwrap();
+    assert_eq!(created.status, SandboxStatus::Active);
+}
