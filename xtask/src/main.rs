@@ -67,7 +67,11 @@ fn run(args: &[&str], dry_run: bool) -> Result<(), String> {
     if dry_run {
         return Ok(());
     }
-    let status = cargo()
+    let mut command = cargo();
+    if args.first() == Some(&"doc") {
+        command.env("RUSTDOCFLAGS", "-D warnings");
+    }
+    let status = command
         .args(args)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -93,6 +97,9 @@ const CI_STEPS: &[&[&str]] = &[
     // The facade's registry test with default features and with every backend.
     &["test", "-p", "sandbox"],
     &["test", "-p", "sandbox", "--features", "full"],
+    // Documentation builds without warnings (broken links, missing docs); run with
+    // RUSTDOCFLAGS="-D warnings".
+    &["doc", "--workspace", "--no-deps"],
 ];
 
 fn ci(rest: &[String]) -> Result<(), String> {
