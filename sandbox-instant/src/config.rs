@@ -8,6 +8,11 @@ use sandbox_core::{Env, Error, Result, RetryPolicy};
 /// Default `INSTANT_API_URI`.
 pub const DEFAULT_API_URI: &str = "https://api.instantdb.com";
 
+/// How often an open writer renews its lease (`sandbox_processes.updatedAt`), by default.
+pub const LEASE_BEAT: Duration = Duration::from_secs(15);
+/// How old a lease may be before the writer of another OS process counts as gone, by default.
+pub const LEASE_STALE: Duration = Duration::from_secs(60);
+
 /// Environment variable holding the app id.
 pub const ENV_APP_ID: &str = "INSTANT_APP_ID";
 /// Environment variable holding the admin token.
@@ -32,6 +37,10 @@ pub struct InstantConfig {
     pub sse_timeout: Duration,
     /// Retries of HTTP calls (429, 5xx, connection errors) and of stream reconnects.
     pub retry: RetryPolicy,
+    /// How often an open writer renews its lease ([`LEASE_BEAT`]).
+    pub lease_beat: Duration,
+    /// How old a lease may be before its writer counts as gone ([`LEASE_STALE`]).
+    pub lease_stale: Duration,
 }
 
 impl fmt::Debug for InstantConfig {
@@ -44,6 +53,8 @@ impl fmt::Debug for InstantConfig {
             .field("batch_delay", &self.batch_delay)
             .field("sse_timeout", &self.sse_timeout)
             .field("retry", &self.retry)
+            .field("lease_beat", &self.lease_beat)
+            .field("lease_stale", &self.lease_stale)
             .finish()
     }
 }
@@ -95,6 +106,8 @@ impl InstantConfig {
             batch_delay: Duration::from_millis(25),
             sse_timeout: Duration::from_secs(15),
             retry: RetryPolicy::default(),
+            lease_beat: LEASE_BEAT,
+            lease_stale: LEASE_STALE,
         })
     }
 

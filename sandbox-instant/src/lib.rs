@@ -28,7 +28,7 @@
 //! |---|---|---|
 //! | [`RecordStore`](sandbox_core::RecordStore) | [`InstantStore`] | insert conflicts and patches of unknown ids are typed errors, in one request each |
 //! | [`StreamSink`](sandbox_core::StreamSink) | [`InstantSink`] | one writer per log; batched appends; reconnect-and-resend on a dropped session; readers from any `seq` or byte offset; live follow |
-//! | writer liveness | in-process only | `Alive`/`Gone` for writers of this OS process, `Unknown` for others |
+//! | writer liveness | [`InstantSink`] | writers of this OS process from what it knows; others by their lease (below) |
 //!
 //! # Round trips
 //!
@@ -41,9 +41,35 @@
 //! prints the counts and the wall time with 20 ms latency against an unbatched baseline.
 //!
 //! Limits: `read` and `status` fetch the log from its start (or from the byte offset asked
-//! for) and cut locally; writer liveness is only known for writers of this OS process; a log
-//! whose writer lives in another OS process is abandoned by marking its `$streams` entity
-//! done through transact.
+//! for) and cut locally; a log whose writer lives in another OS process is abandoned by
+//! marking its `$streams` entity done through transact.
+//!
+//! # Writer lease
+//!
+//! A writer's liveness must be visible to other OS processes, so that `reconcile` there can
+//! mark a process whose writer died as lost. The lease is the process row's existing
+//! `updatedAt` attribute (no attribute outside upstream's schema):
+//!
+//! - While a writer is open it renews the lease every [`InstantConfig::lease_beat`]
+//!   ([`config::LEASE_BEAT`], 15 s): one `update` step with `{"upsert": false}` on
+//!   `sandbox_processes[<processId>]` setting only `updatedAt` to now (epoch ms). It runs in
+//!   the background, off the path of any append, and stops on close, abort or drop. The first
+//!   renewal comes one interval after the writer opens, so a short run costs no request for
+//!   it. A log without a process row (the update finds nothing) has no lease: the renewal
+//!   stops after that one attempt, and nothing is created.
+//! - Cost: one small transact per open log per 15 s.
+//! - `status` (and `read`) of an open log whose writer is not in this OS process reads the
+//!   row's `updatedAt` (`startedAt` when absent) with one query: within
+//!   [`InstantConfig::lease_stale`] ([`config::LEASE_STALE`], 60 s) of now, or ahead of it,
+//!   the writer is `Alive`; older, `Gone`; a process row in a terminal status holds no lease
+//!   (`Gone`); no process row, `Unknown`. Writers of this OS process are answered from what
+//!   it knows, as before.
+//! - `abandon` refuses a log whose writer holds the lease.
+//! - Clocks: the writer's clock sets `updatedAt`, the reader's clock judges it. A skew up to
+//!   `lease_stale - lease_beat` (45 s by default) is tolerated; a reader whose clock runs
+//!   ahead by more sees a live writer as gone, one behind only sees a dead one later.
+//!   Any other write of `updatedAt` (the service's patches) also renews the lease, which is
+//!   why a terminal status ends it.
 //!
 //! # Configuration
 //!

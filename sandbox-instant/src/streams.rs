@@ -8,6 +8,8 @@
 //!   resends from the flushed offset the server reports, so nothing is lost or duplicated.
 //! - Readers subscribe from a byte offset; flushed parts arrive as file URLs, fetched and
 //!   concatenated; followers resubscribe from where they were if the session drops.
+//! - An open writer renews its lease (the process row's `updatedAt`) in the background; the
+//!   liveness of a writer of another OS process is judged by the lease's age.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -17,13 +19,14 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use sandbox_core::{
     Error, LogAppender, LogEntry, LogPage, LogState, LogStatus, Missing, ProcessChunk, ProcessId,
-    ReadFrom, Result, StreamSink, WriterLiveness,
+    ProcessStatus, ReadFrom, Result, StreamSink, WriterLiveness,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::client::InstantClient;
 use crate::error::{InstantError, Op};
+use crate::schema::PROCESSES;
 use crate::session::Session;
 use crate::INSTANT;
 
@@ -116,12 +119,50 @@ impl InstantSink {
         }))
     }
 
-    fn liveness(&self, client_id: &str) -> WriterLiveness {
+    /// What this OS process knows of the log's writer; `None` when it is not one of ours.
+    fn local_liveness(&self, client_id: &str) -> Option<WriterLiveness> {
         match lock(local_writers()).get(&self.inner.key(client_id)) {
-            Some(w) if w.alive.strong_count() > 0 => WriterLiveness::Alive,
-            Some(_) => WriterLiveness::Gone,
-            None => WriterLiveness::Unknown,
+            Some(w) if w.alive.strong_count() > 0 => Some(WriterLiveness::Alive),
+            Some(_) => Some(WriterLiveness::Gone),
+            None => None,
         }
+    }
+
+    /// The writer's lease, for a writer of another OS process: the process row's `updatedAt`
+    /// (`startedAt` when absent), renewed every `lease_beat` by an open writer. Within
+    /// `lease_stale` of now (or ahead of it) is `Alive`, older is `Gone`; a process row in a
+    /// terminal status holds no lease (`Gone`); no process row is `Unknown`. One query.
+    async fn lease(&self, process_id: &ProcessId) -> Result<WriterLiveness> {
+        let r = self
+            .inner
+            .client
+            .query(json!({ PROCESSES.name: {"$": {
+                "where": {"id": process_id.to_string()},
+                "fields": ["updatedAt", "startedAt", "status"],
+            }}}))
+            .await?;
+        let Some(row) = r[PROCESSES.name].as_array().and_then(|a| a.first()) else {
+            return Ok(WriterLiveness::Unknown);
+        };
+        let terminal = row["status"]
+            .as_str()
+            .and_then(|s| ProcessStatus::parse(s).ok())
+            .is_some_and(|s| s.is_terminal());
+        if terminal {
+            return Ok(WriterLiveness::Gone);
+        }
+        let Some(beat) = row["updatedAt"]
+            .as_f64()
+            .or_else(|| row["startedAt"].as_f64())
+        else {
+            return Ok(WriterLiveness::Unknown);
+        };
+        let stale = self.inner.client.config.lease_stale.as_millis() as f64;
+        Ok(if now_ms() as f64 - beat <= stale {
+            WriterLiveness::Alive
+        } else {
+            WriterLiveness::Gone
+        })
     }
 
     /// Reads what the log holds now, from `start`. A log known to be `finished` is read until
@@ -328,6 +369,46 @@ async fn apply_message(
         }));
     }
     Ok(None)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Renews the lease of an open writer: every `every`, one `update` of the process row's
+/// `updatedAt` (never creating the row). Stops for good when the row does not exist.
+fn spawn_heartbeat(
+    client: InstantClient,
+    process_id: &ProcessId,
+    every: Duration,
+) -> tokio::task::AbortHandle {
+    let pid = process_id.to_string();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let step = json!([
+                "update",
+                PROCESSES.name,
+                pid,
+                {"updatedAt": now_ms()},
+                {"upsert": false}
+            ]);
+            let op = Op::Patch(Missing::Process, pid.clone());
+            match client.transact(vec![step], op).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {
+                    tracing::debug!(process = %pid, "instant: no process row; no writer lease");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(process = %pid, error = %e, "instant: lease renewal failed")
+                }
+            }
+        }
+    })
+    .abort_handle()
 }
 
 fn writer_exists(client_id: &str, why: &str) -> Error {
@@ -599,12 +680,15 @@ pub(crate) struct InstantAppender {
     stream_id: String,
     key: String,
     alive: Option<Arc<()>>,
+    /// The lease renewal running while the writer is open.
+    heartbeat: tokio::task::AbortHandle,
     batch_bytes: u64,
     batch_delay: Duration,
 }
 
 impl Drop for InstantAppender {
     fn drop(&mut self) {
+        self.heartbeat.abort();
         let mut g = lock(local_writers());
         // Still registered means not closed: keep the writer so `abandon` can end the stream
         // with everything that was written.
@@ -697,6 +781,7 @@ impl InstantAppender {
         let mut c = self.core.lock().await;
         c.deferred = None;
         c.finish(reason).await?;
+        self.heartbeat.abort();
         // A closed log needs no local record: the server refuses any new writer for it.
         lock(local_writers()).remove(&self.key);
         Ok(())
@@ -757,6 +842,7 @@ impl StreamSink for InstantSink {
             stream_id,
             key,
             alive: Some(alive),
+            heartbeat: spawn_heartbeat(self.inner.client.clone(), process_id, cfg.lease_beat),
             batch_bytes: cfg.batch_bytes as u64,
             batch_delay: cfg.batch_delay,
         }))
@@ -785,7 +871,7 @@ impl StreamSink for InstantSink {
             entries,
             status: LogStatus {
                 stream_id: row.id,
-                writer: self.writer_for(&client_id, &state),
+                writer: self.writer_for(process_id, &client_id, &state).await?,
                 state,
                 entries: total,
                 bytes: snap.end,
@@ -904,7 +990,7 @@ impl StreamSink for InstantSink {
         let state = snap.state.unwrap_or_else(|| row_state(&row));
         Ok(Some(LogStatus {
             stream_id: row.id,
-            writer: self.writer_for(&client_id, &state),
+            writer: self.writer_for(process_id, &client_id, &state).await?,
             state,
             entries: snap.entries.len() as u64,
             bytes: snap.end,
@@ -934,7 +1020,14 @@ impl StreamSink for InstantSink {
             }
             _ => {}
         }
-        // A writer of another OS process: mark the `$streams` entity itself.
+        // A writer of another OS process: refused while its lease is held, else mark the
+        // `$streams` entity itself.
+        if self.lease(process_id).await? == WriterLiveness::Alive {
+            return Err(Error::Conflict {
+                code: "sandbox_process_stream_writer_alive".into(),
+                message: format!("the writer of process {process_id} holds its lease"),
+            });
+        }
         let row = self
             .lookup(&client_id)
             .await?
@@ -957,11 +1050,18 @@ fn row_state(row: &StreamRow) -> LogState {
 }
 
 impl InstantSink {
-    fn writer_for(&self, client_id: &str, state: &LogState) -> WriterLiveness {
+    async fn writer_for(
+        &self,
+        process_id: &ProcessId,
+        client_id: &str,
+        state: &LogState,
+    ) -> Result<WriterLiveness> {
         if state.is_finished() {
-            WriterLiveness::Gone
-        } else {
-            self.liveness(client_id)
+            return Ok(WriterLiveness::Gone);
+        }
+        match self.local_liveness(client_id) {
+            Some(l) => Ok(l),
+            None => self.lease(process_id).await,
         }
     }
 

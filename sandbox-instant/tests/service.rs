@@ -74,8 +74,8 @@ async fn stopping_a_sandbox_marks_open_processes_lost_and_aborts_their_logs() {
     .await
     .unwrap();
 
-    // Another OS process (a second service over the same app) cannot tell whether the
-    // writer is alive, so reconcile leaves the process alone.
+    // Another OS process (a second service over the same app) sees the writer's lease held
+    // (the process row is fresh), so reconcile leaves the process alone.
     let other_uri = emu.base_url().replace("127.0.0.1", "localhost");
     let other = sandbox_instant::backend(
         sandbox_instant::InstantConfig::new(common::APP_ID, common::TOKEN, &other_uri).unwrap(),
