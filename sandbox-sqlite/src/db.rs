@@ -84,12 +84,7 @@ impl Db {
             Location::File(path) => {
                 let label = path.display().to_string();
                 prepare_file(path, &label)?;
-                // Refuse a foreign or newer database before WAL mode writes to its header.
-                let mut conn = open_raw(path, config)
-                    .and_then(|c| schema::check_compatible(&c, &label).map(|_| c))
-                    .and_then(|c| configure(&c, config).map(|_| c))
-                    .map_err(|e| e.into_core(&label, "open"))?;
-                schema::migrate(&mut conn, &label).map_err(|e| e.into_core(&label, "migrate"))?;
+                let conn = open_and_migrate(path, config, &label)?;
                 let segments = Segments::open(path)?;
                 let key = std::fs::canonicalize(path)
                     .map(|p| p.display().to_string())
@@ -254,6 +249,29 @@ fn prepare_file(path: &Path, label: &str) -> Result<()> {
         return Err(error::not_a_database(label));
     }
     Ok(())
+}
+
+/// Opens a file database, refuses a foreign or newer one before WAL mode writes to its header,
+/// and migrates it. Processes opening a new file at the same moment wait for each other (the
+/// journal-mode switch and the first migration take locks) until the busy deadline.
+fn open_and_migrate(path: &Path, config: &SqliteConfig, label: &str) -> Result<Connection> {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(2);
+    loop {
+        let attempt = open_raw(path, config).and_then(|mut c| {
+            schema::check_compatible(&c, label)?;
+            configure(&c, config)?;
+            schema::migrate(&mut c, label)?;
+            Ok(c)
+        });
+        match attempt {
+            Err(e) if e.is_busy() && start.elapsed() < config.busy_deadline => {
+                std::thread::sleep(backoff + Duration::from_micros(fastrand::u64(0..500)));
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            other => return other.map_err(|e| e.into_core(label, "open")),
+        }
+    }
 }
 
 pub(crate) fn open_file(path: &Path, config: &SqliteConfig) -> DbResult<Connection> {

@@ -130,7 +130,22 @@ pub(crate) fn migrate(conn: &mut Connection, location: &str) -> DbResult<()> {
 }
 
 /// The schema version of a database this code may use.
+///
+/// The header fields and the table count are read in one read transaction: read one by one,
+/// another process's first migration could commit in between and a half-seen new database
+/// would look foreign.
 pub(crate) fn check_compatible(conn: &Connection, location: &str) -> DbResult<i64> {
+    if !conn.is_autocommit() {
+        return read_compatible(conn, location);
+    }
+    conn.execute_batch("BEGIN DEFERRED")?;
+    let result = read_compatible(conn, location);
+    // Only reads happened: ending the transaction cannot lose anything.
+    let _ = conn.execute_batch("ROLLBACK");
+    result
+}
+
+fn read_compatible(conn: &Connection, location: &str) -> DbResult<i64> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let app: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
     if app != 0 && app != APPLICATION_ID {

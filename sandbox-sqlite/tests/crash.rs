@@ -458,3 +458,75 @@ async fn two_os_processes_append_to_one_file_concurrently_and_nothing_is_lost() 
     }
     assert_eq!(follower.await.unwrap(), (1..=N).collect::<Vec<_>>());
 }
+
+/// Child role `opener`: announces itself (`<db>.ready.<pid>`), waits for `<db>.go` so that all
+/// openers start together, opens the database, then exits 0 (or panics with the error).
+#[test]
+fn child_opener() {
+    if std::env::var(ROLE).as_deref() != Ok("opener") {
+        return;
+    }
+    let path = std::env::var(DB).unwrap();
+    std::fs::write(format!("{path}.ready.{}", std::process::id()), b"").unwrap();
+    let go = format!("{path}.go");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !Path::new(&go).exists() {
+        assert!(std::time::Instant::now() < deadline, "never told to go");
+        std::hint::spin_loop();
+    }
+    if let Err(e) = SqliteDatabase::open(&SqliteConfig::file(Path::new(&path))) {
+        panic!("open failed: {e} ({})", e.code());
+    }
+}
+
+#[test]
+fn processes_opening_a_new_database_at_once_all_succeed() {
+    const OPENERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..10 {
+        let path = dir.path().join(format!("new-{round}.db"));
+        let children: Vec<Child> = (0..OPENERS)
+            .map(|_| {
+                Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", "child_opener", "--nocapture"])
+                    .env(ROLE, "opener")
+                    .env(DB, &path)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let ready = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("new-{round}.db.ready."))
+                })
+                .count()
+        };
+        let deadline = std::time::Instant::now() + LIMIT;
+        while ready(dir.path()) < OPENERS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "openers never got ready"
+            );
+            std::thread::yield_now();
+        }
+        std::fs::write(format!("{}.go", path.display()), b"").unwrap();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: a concurrent first open failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // And the result is a sandbox database, usable by a later open.
+        open(&path);
+    }
+}
