@@ -245,6 +245,23 @@ fn live() -> (mpsc::UnboundedSender<Result<ExecEvent>>, Execution) {
     )
 }
 
+/// A live execution whose kill (expected once) ends it with `signal`.
+fn killable_by(signal: &'static str) -> (mpsc::UnboundedSender<Result<ExecEvent>>, Execution) {
+    let (tx, mut exec) = live();
+    let mut control = MockExecControl::new();
+    let tx_kill = tx.clone();
+    control.expect_kill().times(1).returning(move || {
+        let _ = tx_kill.send(Ok(ExecEvent::Exit(ExitStatus {
+            code: None,
+            signal: Some(signal.into()),
+            timed_out: false,
+        })));
+        Ok(())
+    });
+    exec.control = Some(Arc::new(control));
+    (tx, exec)
+}
+
 fn stdout(s: &str) -> Result<ExecEvent> {
     Ok(ExecEvent::Stdout(Bytes::copy_from_slice(s.as_bytes())))
 }
@@ -933,18 +950,7 @@ async fn a_character_split_across_reads_is_carried_not_replaced() {
 
 #[tokio::test]
 async fn kill_ends_a_running_process_as_killed() {
-    let (tx, mut exec) = live();
-    let mut control = MockExecControl::new();
-    let tx_kill = tx.clone();
-    control.expect_kill().times(1).returning(move || {
-        let _ = tx_kill.send(Ok(ExecEvent::Exit(ExitStatus {
-            code: None,
-            signal: Some("SIGKILL".into()),
-            timed_out: false,
-        })));
-        Ok(())
-    });
-    exec.control = Some(Arc::new(control));
+    let (tx, exec) = killable_by("SIGKILL");
     let mut h = handle();
     h.expect_exec().times(1).return_once(move |_| Ok(exec));
     let (f, sid) = warm(h, Coalescing::default()).await;
@@ -1133,18 +1139,7 @@ async fn a_failing_provider_stop_leaves_the_record_unchanged_for_a_retry() {
 
 #[tokio::test]
 async fn stop_kills_the_processes_it_runs_and_records_them_killed() {
-    let (tx, mut exec) = live();
-    let mut control = MockExecControl::new();
-    let tx_kill = tx.clone();
-    control.expect_kill().times(1).returning(move || {
-        let _ = tx_kill.send(Ok(ExecEvent::Exit(ExitStatus {
-            code: None,
-            signal: Some("SIGTERM".into()),
-            timed_out: false,
-        })));
-        Ok(())
-    });
-    exec.control = Some(Arc::new(control));
+    let (tx, exec) = killable_by("SIGTERM");
     let mut h = handle();
     h.expect_exec().times(1).return_once(move |_| Ok(exec));
     h.expect_stop().times(1).returning(|_| Ok(()));
