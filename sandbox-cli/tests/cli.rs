@@ -155,18 +155,10 @@ fn stderr_of(child: &mut Child) -> String {
 
 /// The one process of a sandbox, waiting (bounded) until it is recorded.
 fn only_process(home: &Home, id: &str) -> Value {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
+    eventually(&format!("a process recorded in {id}"), || {
         let ps = home.json(&["ps", id]);
-        if let Some(p) = ps.as_array().and_then(|a| a.first()) {
-            return p.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no process recorded in {id}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ps.as_array().and_then(|a| a.first()).cloned()
+    })
 }
 
 // ---- run ---------------------------------------------------------------------------------

@@ -117,6 +117,16 @@ pub struct ObservedFinish {
     pub metadata: Option<Map<String, Value>>,
 }
 
+impl ObservedFinish {
+    /// The process exited with `code` (status from the code: `exited` for 0, else `failed`).
+    pub fn exit(code: i64) -> Self {
+        ObservedFinish {
+            exit_code: Some(code),
+            ..Default::default()
+        }
+    }
+}
+
 /// Result of a buffered [`SandboxService::run_command`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {

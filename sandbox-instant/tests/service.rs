@@ -34,13 +34,7 @@ async fn observed_processes_keep_one_writer_and_end_with_their_exit() {
         .unwrap();
     }
     let outcome = svc
-        .finish_observed(
-            &pid,
-            ObservedFinish {
-                exit_code: Some(0),
-                ..Default::default()
-            },
-        )
+        .finish_observed(&pid, ObservedFinish::exit(0))
         .await
         .unwrap();
     assert_eq!(outcome.status, ProcessStatus::Exited);

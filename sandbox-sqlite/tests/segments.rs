@@ -36,6 +36,31 @@ async fn write_log(db: &SqliteDatabase, process: ProcessId, texts: &[&str]) -> C
     w
 }
 
+/// A file database in a temporary directory holding one closed log of `texts`.
+struct ClosedLog {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    db: SqliteDatabase,
+    process: ProcessId,
+    segment: PathBuf,
+}
+
+async fn closed_log(texts: &[&str]) -> ClosedLog {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sandbox.db");
+    let db = open(&path);
+    let process = ProcessId::new();
+    write_log(&db, process, texts).await.close().await.unwrap();
+    let segment = only_segment(&path);
+    ClosedLog {
+        _dir: dir,
+        path,
+        db,
+        process,
+        segment,
+    }
+}
+
 fn texts(page: &sandbox_core::LogPage) -> Vec<String> {
     page.entries
         .iter()
@@ -45,13 +70,13 @@ fn texts(page: &sandbox_core::LogPage) -> Vec<String> {
 
 #[tokio::test]
 async fn lines_are_stored_once_in_the_segment_and_sqlite_holds_only_their_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sandbox.db");
-    let db = open(&path);
-    let process = ProcessId::new();
-    let w = write_log(&db, process, &["one\n", "two\n", "three\n"]).await;
-    w.close().await.unwrap();
-    let segment = only_segment(&path);
+    let ClosedLog {
+        _dir,
+        path,
+        db,
+        process,
+        segment,
+    } = closed_log(&["one\n", "two\n", "three\n"]).await;
     assert_eq!(segment.file_name().unwrap(), "1.ndjson");
     let page = db
         .logs()
@@ -182,13 +207,13 @@ fn assert_store_error(e: Error, needles: &[&str]) {
 
 #[tokio::test]
 async fn a_missing_segment_file_is_a_clear_store_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sandbox.db");
-    let db = open(&path);
-    let process = ProcessId::new();
-    let w = write_log(&db, process, &["lost\n"]).await;
-    w.close().await.unwrap();
-    let segment = only_segment(&path);
+    let ClosedLog {
+        _dir,
+        db,
+        process,
+        segment,
+        ..
+    } = closed_log(&["lost\n"]).await;
     std::fs::remove_file(&segment).unwrap();
     let logs = db.logs();
     let e = logs.read(&process, ReadFrom::START, 100).await.unwrap_err();
@@ -200,13 +225,13 @@ async fn a_missing_segment_file_is_a_clear_store_error() {
 
 #[tokio::test]
 async fn a_segment_shorter_than_its_index_is_a_clear_store_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sandbox.db");
-    let db = open(&path);
-    let process = ProcessId::new();
-    let w = write_log(&db, process, &["kept\n", "cut\n"]).await;
-    w.close().await.unwrap();
-    let segment = only_segment(&path);
+    let ClosedLog {
+        _dir,
+        db,
+        process,
+        segment,
+        ..
+    } = closed_log(&["kept\n", "cut\n"]).await;
     let len = std::fs::metadata(&segment).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -226,13 +251,13 @@ async fn a_segment_shorter_than_its_index_is_a_clear_store_error() {
 
 #[tokio::test]
 async fn a_zeroed_tail_after_a_power_loss_is_refused_not_returned_as_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sandbox.db");
-    let db = open(&path);
-    let process = ProcessId::new();
-    let w = write_log(&db, process, &["kept\n", "lost\n"]).await;
-    w.close().await.unwrap();
-    let segment = only_segment(&path);
+    let ClosedLog {
+        _dir,
+        db,
+        process,
+        segment,
+        ..
+    } = closed_log(&["kept\n", "lost\n"]).await;
     // What a file system shows after losing unsynced data: the right length, zeros inside.
     let logs = db.logs();
     let second = logs.read(&process, ReadFrom::Seq(2), 1).await.unwrap();

@@ -1476,13 +1476,7 @@ async fn observed_processes_append_in_order_and_finish_with_exit() {
 
     let outcome = f
         .svc
-        .finish_observed(
-            &pid,
-            ObservedFinish {
-                exit_code: Some(0),
-                ..Default::default()
-            },
-        )
+        .finish_observed(&pid, ObservedFinish::exit(0))
         .await
         .unwrap();
     assert_eq!(outcome.status, ProcessStatus::Exited);
@@ -1781,13 +1775,7 @@ async fn a_failed_observed_finish_can_be_retried() {
     fail.store(true, Ordering::SeqCst);
     let err = f
         .svc
-        .finish_observed(
-            &pid,
-            ObservedFinish {
-                exit_code: Some(0),
-                ..Default::default()
-            },
-        )
+        .finish_observed(&pid, ObservedFinish::exit(0))
         .await
         .unwrap_err();
     assert_eq!(err.code(), "store_error");
@@ -1796,13 +1784,7 @@ async fn a_failed_observed_finish_can_be_retried() {
     fail.store(false, Ordering::SeqCst);
     let outcome = f
         .svc
-        .finish_observed(
-            &pid,
-            ObservedFinish {
-                exit_code: Some(0),
-                ..Default::default()
-            },
-        )
+        .finish_observed(&pid, ObservedFinish::exit(0))
         .await
         .unwrap();
     assert_eq!(outcome.status, ProcessStatus::Exited);
